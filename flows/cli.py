@@ -1,0 +1,48 @@
+"""`lejepa-pipeline`: run the whole pipeline or one stage from the shell.
+
+Each stage's command forwards its arguments (`--config FILE --set key=value ...`) to the stage's own
+entry point in `lejepa/`, so `lejepa-pipeline shard ...` and `python -m lejepa.shard ...` are the same
+program. Imports happen per command: Prefect and DeepSpeed are slow to import and most commands
+need neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module with a `cli(argv) -> int`, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "demo": ("lejepa.minimal", "a short LeJEPA training run on Fashion-MNIST on the CPU (no set-up needed)"),
+    "shard": ("lejepa.shard", "write an image source as WebDataset shards with a manifest"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="lejepa-pipeline",
+        description="LeJEPA self-supervised pretraining: shard -> pretrain -> evaluate -> publish.",
+        epilog="Run 'lejepa-pipeline COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("version", help="print the version")
+    for name, (_, help_text) in STAGES.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "version":
+        from lejepa import __version__
+
+        print(__version__)
+        return 0
+    module = importlib.import_module(STAGES[args.command][0])
+    return module.cli(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

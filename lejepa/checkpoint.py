@@ -1,0 +1,111 @@
+"""Resumable DeepSpeed checkpoints in the run folder, on any storage.
+
+Layout under `{run}/checkpoints/`: one folder per tag (`step00000100/`, DeepSpeed's own files) and
+`latest.json`, the commit point, written by rank 0 only after every rank's files are complete in storage.
+A crash while saving leaves `latest.json` on the previous checkpoint, so a restart never loads a torn one.
+
+DeepSpeed reads and writes local files, so for remote roots (s3://) each node saves into a local staging
+folder and its first rank uploads it; resuming downloads the tag before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from lejepa.storage import Storage
+
+LATEST = "latest.json"
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class CheckpointStore:
+    """Saves and restores a DeepSpeed engine under `{run_url}/checkpoints`, committing with `latest.json`."""
+
+    def __init__(self, storage: Storage, run_url: str, keep: int = 2) -> None:
+        self.storage = storage
+        self.url = f"{run_url}/checkpoints"
+        self.keep = keep
+        if storage.protocol == "file":
+            self.local_dir = Path(storage._path(self.url))
+        else:
+            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.local_dir = Path(tempfile.gettempdir()) / "lejepa-checkpoints" / digest
+        self.remote = storage.protocol != "file"
+
+    def latest(self) -> dict[str, Any] | None:
+        """The committed checkpoint's marker ({"tag", "step"}), or None when the run has none yet."""
+        marker = f"{self.url}/{LATEST}"
+        return self.storage.read_json(marker) if self.storage.exists(marker) else None
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
+        """Save on every rank (collective); returns the tag once `latest.json` points at it."""
+        tag = f"step{step:08d}"
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.local_dir), tag=tag, client_state=client_state, save_latest=False)
+        _barrier()
+        if self.remote and _local_rank() == 0:
+            for path in sorted((self.local_dir / tag).rglob("*")):
+                if path.is_file():
+                    self.storage.put_file(
+                        path, f"{self.url}/{tag}/{path.relative_to(self.local_dir / tag).as_posix()}"
+                    )
+        _barrier()
+        if _is_rank0():
+            previous = self.latest()
+            self.storage.write_json(f"{self.url}/{LATEST}", {"tag": tag, "step": step})
+            self._prune(keep_tags={tag} | ({previous["tag"]} if previous else set()))
+        _barrier()
+        return tag
+
+    def load(self, engine: Any) -> dict[str, Any] | None:
+        """Load the latest committed checkpoint into `engine` (collective); returns its client state."""
+        marker = self.latest()
+        if marker is None:
+            return None
+        tag = marker["tag"]
+        if self.remote and _local_rank() == 0:
+            target = self.local_dir / tag
+            for url in self.storage.find(f"{self.url}/{tag}"):
+                relative = url.split(f"/{tag}/", 1)[1]
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                self.storage.get_file(url, target / relative)
+        _barrier()
+        _, client_state = engine.load_checkpoint(str(self.local_dir), tag=tag)
+        if client_state is None:
+            raise RuntimeError(
+                f"checkpoint {self.url}/{tag} could not be loaded: delete the run folder to restart"
+            )
+        return client_state
+
+    def _prune(self, keep_tags: set[str]) -> None:
+        # Keep the newest `keep` tags (and whatever the marker moved from) so a crash mid-save still has one.
+        tags = sorted(
+            name.rstrip("/").rsplit("/", 1)[-1]
+            for name in self.storage.ls(self.url)
+            if "step" in name.rsplit("/", 1)[-1]
+        )
+        keep_tags |= set(tags[-self.keep :])
+        for tag in tags:
+            if tag not in keep_tags:
+                self.storage.rm(f"{self.url}/{tag}", recursive=True)
+                if self.remote:
+                    shutil.rmtree(self.local_dir / tag, ignore_errors=True)

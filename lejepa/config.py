@@ -1,0 +1,248 @@
+"""One typed config for the whole pipeline: a section per stage, YAML in, `--set key=value` overrides.
+
+Every section is a pydantic model with defaults that run on a laptop CPU with Fashion-MNIST. An invalid
+value fails with the dotted name of the field, e.g. ``views.global_views: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+
+class Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them so a misspelt option never silently does nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet18"
+    """Any timm model name; created with pretrained=False."""
+    proj_dim: int = Field(128, gt=0)
+    proj_hidden_dim: int = Field(2048, gt=0)
+    proj_layers: int = Field(3, ge=1)
+    """Number of Linear layers in the projector (Linear-BN-GELU blocks, then a final Linear)."""
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to timm.create_model (e.g. patch_size for a ViT)."""
+    small_input: bool = False
+    """Give a ResNet or ConvNeXt a 3x3 stride-1 stem (CIFAR-style) so 28-32 px images keep their detail."""
+
+
+class ViewsConfig(Section):
+    global_views: int = Field(2, gt=0)
+    local_views: int = Field(6, ge=0)
+    global_size: int | None = Field(None, gt=0)
+    """Side of a global view in pixels; None scales it from the dataset's resolution."""
+    local_size: int | None = Field(None, gt=0)
+    global_scale: tuple[float, float] = (0.3, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.3)
+
+
+class LossConfig(Section):
+    lamb: float = Field(0.05, ge=0.0, le=1.0)
+    """Trade-off between SIGReg (lamb) and the prediction loss (1 - lamb); the paper's default is 0.05."""
+    num_slices: int = Field(1024, gt=0)
+    knots: int = Field(17, ge=3)
+    t_max: float = Field(3.0, gt=0.0)
+
+
+class StorageConfig(Section):
+    root: str = "./lejepa-store"
+    """Where every stage reads and writes: a local path, file://..., or s3://bucket/prefix."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto); None uses AWS_ENDPOINT_URL or AWS itself."""
+    region: str | None = None
+    """S3 region; None uses AWS_DEFAULT_REGION / the profile's region."""
+    profile: str | None = None
+    """AWS profile name from ~/.aws; None uses AWS_PROFILE or the default chain."""
+    access_key_id: str | None = None
+    """Explicit S3 credentials; None falls back to AWS_ACCESS_KEY_ID and the standard chain."""
+    secret_access_key: SecretStr | None = None
+    """Never printed: repr, logs and manifests show it redacted."""
+    session_token: SecretStr | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Extra fsspec storage options passed as-is (e.g. {"default_block_size": 8388608})."""
+
+
+class DataConfig(Section):
+    source: Literal["fashion-mnist", "digits", "imagefolder", "webdataset"] = "fashion-mnist"
+    """Where images come from; see lejepa.sources for what each one reads."""
+    path: str | None = None
+    """Source location (local path or URL); None uses the source's default (fashion-mnist: the Debian package)."""
+    name: str | None = None
+    """Dataset name in the store ({root}/datasets/{name}/...); None uses the source's name."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Seeded hold-out of the train split that becomes the `val` split."""
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Seeded hold-out that becomes `test`, only for sources without a test split of their own."""
+    split_seed: int = 0
+    """Seed of the hold-outs and of the sample order inside shards."""
+    image_size: int | None = Field(None, gt=0)
+    """Side the loaders resize/crop to; None uses the most common size of the train split."""
+    mode: Literal["auto", "L", "RGB"] = "auto"
+    """Channels the loaders decode to; auto is RGB when any image is colour, else L (grey)."""
+    limit: int | None = Field(None, gt=0)
+    """Use only the first `limit` samples of each source split (quick runs and tests)."""
+
+
+class ShardConfig(Section):
+    samples_per_shard: int = Field(2048, gt=0)
+    """Samples per tar shard; one shard is one independently writable group of work."""
+    workers: int | None = Field(None, ge=1)
+    """Processes writing shard groups; None uses every core."""
+    png_compress_level: int = Field(1, ge=0, le=9)
+    """zlib level when raw pixels (fashion-mnist, digits) are encoded to PNG; the bytes are lossless at any level."""
+
+
+class PretrainConfig(Section):
+    run_name: str = "default"
+    """The run's folder is {storage.root}/runs/{run_name}; starting a run with the same name resumes it."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train for; when None, `epochs` sets the budget."""
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, gt=0)
+    """Images per rank per micro-step (each image gives global_views + local_views views)."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate of AdamW after the linear warm-up; a cosine decays it to lr * min_lr_ratio."""
+    min_lr_ratio: float = Field(1e-3, ge=0, le=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    """None picks the paper's setting: 5e-2 for ViTs, 5e-4 for ConvNets and ResNets."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip; 0 turns clipping off."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on the CPU."""
+    num_workers: int = Field(1, ge=0)
+    """Data-loader worker processes per rank (decoding and the multi-crop views run there)."""
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    online_probe: bool = True
+    """Train a linear classifier on detached embeddings to report accuracy while training (labelled data)."""
+    deepspeed_config: str | None = None
+    """Path of a raw DeepSpeed JSON config whose keys override the generated ones."""
+
+
+class LaunchConfig(Section):
+    mode: Literal["local", "hostfile", "slurm"] = "local"
+    """Where the ranks run: this machine, the hosts of a hostfile (DeepSpeed's launcher), or a Slurm job."""
+    nproc_per_node: int | None = Field(None, gt=0)
+    """Ranks per node; None: one per GPU, else 2 on a CPU-only machine (local), the hostfile's slots
+    (hostfile), gpus_per_node or 1 (slurm)."""
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    """cpu sets DS_ACCELERATOR=cpu on every rank (gloo); auto is cuda when this machine sees a GPU
+    (slurm: when gpus_per_node is set)."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """Process launcher of local mode; torchrun prefixes every output line with its rank."""
+    master_addr: str | None = None
+    """Address of the node of rank 0; None: 127.0.0.1 (local), the hostfile's first host (hostfile), the
+    allocation's first node (slurm). Required with no_ssh."""
+    master_port: int | None = Field(None, gt=0, lt=65536)
+    """Rendezvous port; None picks a free one on this machine (slurm: derived from the job id).
+    Required with no_ssh, where every node's launcher must name the same port."""
+    hostfile: str | None = None
+    """MPI-style hostfile for hostfile mode, one `host slots=N` per line (see infra/hostfile.example)."""
+    multinode_launcher: Literal["pdsh", "openmpi", "mpich", "impi", "mvapich"] = "pdsh"
+    """DeepSpeed's backend that starts the per-node launchers in hostfile mode (pdsh runs them over ssh)."""
+    no_ssh: bool = False
+    """Hostfile mode without ssh: run the launcher on every node yourself (one agent per node, e.g. from a
+    scheduler), each with its node_rank and the same master_addr and master_port."""
+    node_rank: int | None = Field(None, ge=0)
+    """This node's index in the hostfile (0 = the node of rank 0); required with no_ssh."""
+    nnodes: int | None = Field(None, gt=0)
+    """Nodes to use: the first nnodes hosts of the hostfile (None: all), or the nodes Slurm allocates (None: 1)."""
+    ssh_port: int | None = Field(None, gt=0, lt=65536)
+    """Port of sshd on the hosts (hostfile mode with pdsh); None uses ssh's default or ssh_config."""
+    ssh_options: list[str] = Field(default_factory=list)
+    """Extra ssh arguments for every connection, e.g. ["-F", "/etc/lejepa/ssh_config"] or ["-i", "KEY"]."""
+    env: list[str] = Field(default_factory=list)
+    """Environment variables forwarded to remote ranks besides AWS_* and DS_ACCELERATOR; NAME or PREFIX_*.
+    Values travel in DeepSpeed's .deepspeed_env file, never on our command lines, and are never printed."""
+    partition: str | None = None
+    """Slurm partition (sbatch --partition); None uses the cluster's default."""
+    account: str | None = None
+    """Slurm account to charge (sbatch --account)."""
+    time: str | None = None
+    """Slurm time limit, e.g. "04:00:00" or "2-00:00:00"; None uses the partition's default."""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """GPUs Slurm allocates on each node; None or 0 runs a CPU job."""
+    cpus_per_task: int | None = Field(None, gt=0)
+    """CPU cores per rank in a Slurm job; also the ranks' OMP_NUM_THREADS."""
+    extra_sbatch: list[str] = Field(default_factory=list)
+    """More sbatch options, one per item, written as `#SBATCH <item>` (e.g. "--exclusive", "--qos=high")."""
+    job_name: str = "lejepa-pretrain"
+    """Slurm job name; also names the generated script and its log."""
+    slurm_dir: str = "slurm"
+    """Directory (on the shared file system) for the generated sbatch script and the job's log."""
+    wait: bool = True
+    """Slurm: wait for the job to end, streaming its log, and return its exit status; False only submits."""
+
+
+class PipelineConfig(Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    seed: int = 0
+
+
+class ConfigError(ValueError):
+    """A config a user wrote is invalid; the message names the field and what is wrong."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    Override values are parsed as YAML, so `--set loss.lamb=0.1` gives a float and
+    `--set views.global_scale=[0.4,1.0]` a list.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set loss.lamb=0.1")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid config: {field}: {first['msg']}") from None
+
+
+def redacted(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as JSON-ready data with storage credentials blanked, for run folders and model cards."""
+    tree = cfg.model_dump(mode="json")
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if tree["storage"].get(key):
+            tree["storage"][key] = "**redacted**"
+    return tree

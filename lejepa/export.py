@@ -1,0 +1,105 @@
+"""Exported encoders: the backbone's weights as safetensors plus a JSON description to rebuild it.
+
+`encoder.json` holds everything needed to turn images into embeddings without this run's config:
+timm name and kwargs, input channels and size, the small-input stem flag, and the normalisation.
+Loading never unpickles anything, so a file from a bucket cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lejepa.model import create_backbone
+from lejepa.storage import Storage
+from lejepa.views import eval_view
+
+WEIGHTS, DESCRIPTION = "encoder.safetensors", "encoder.json"
+
+
+class FrozenEncoder(nn.Module):
+    """Images (B, C, H, W), uint8 or float in [0, 1], at any size -> embeddings (B, D). Eval mode."""
+
+    def __init__(self, backbone: nn.Module, description: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.description = description
+        self.img_size: int = description["img_size"]
+        self.embed_dim: int = description["embed_dim"]
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        d = self.description
+        return self.backbone(eval_view(images, self.img_size, d["mean"], d["std"]))
+
+
+def encoder_description(
+    backbone: str,
+    backbone_kwargs: dict[str, Any],
+    in_chans: int,
+    img_size: int,
+    small_input: bool,
+    embed_dim: int,
+    mean: list[float],
+    std: list[float],
+) -> dict[str, Any]:
+    return {
+        "format": "lejepa-encoder/1",
+        "backbone": backbone,
+        "backbone_kwargs": backbone_kwargs,
+        "in_chans": in_chans,
+        "img_size": img_size,
+        "small_input": small_input,
+        "embed_dim": embed_dim,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def export_encoder(
+    backbone: nn.Module, description: dict[str, Any], storage: Storage, folder_url: str
+) -> str:
+    """Write `encoder.safetensors` then `encoder.json` under `folder_url`; returns the JSON's URL."""
+    state = {
+        name: tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in backbone.state_dict().items()
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / WEIGHTS
+        save_file(state, str(local), metadata={"format": "pt"})
+        storage.put_file(local, f"{folder_url}/{WEIGHTS}")
+    # The description goes last: its presence says the weights beside it are complete.
+    storage.write_json(f"{folder_url}/{DESCRIPTION}", description)
+    return f"{folder_url}/{DESCRIPTION}"
+
+
+def load_encoder(
+    url: str, storage: Storage | None = None, device: str | torch.device = "cpu"
+) -> FrozenEncoder:
+    """Load an exported encoder from its folder (or its `encoder.json`), local or remote, in eval mode.
+
+    `storage` carries credentials for remote URLs; by default they come from the AWS environment.
+    """
+    folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
+    storage = storage.at(folder) if storage is not None else Storage(folder)
+    description = json.loads(storage.read_bytes(f"{folder}/{DESCRIPTION}"))
+    backbone = create_backbone(
+        description["backbone"],
+        in_chans=description["in_chans"],
+        img_size=description["img_size"],
+        small_input=description["small_input"],
+        **description["backbone_kwargs"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / WEIGHTS
+        storage.get_file(f"{folder}/{WEIGHTS}", local)
+        state = load_file(str(local))
+    backbone.load_state_dict(state, strict=True)
+    return FrozenEncoder(backbone, description).to(device)

@@ -1,0 +1,445 @@
+"""Start the pretrain program on every rank: on this machine, on the hosts of a hostfile, or as a Slurm job.
+
+`launch(cfg, program_args)` builds one launcher command from `cfg.launch`, runs it and streams the output of
+every rank to stdout, and returns the exit status. When a rank dies the launch fails and its last line, on
+stderr, names the rank and its error. Each mode runs what a person would type:
+
+- local, torchrun:   python -m torch.distributed.run --nproc_per_node N ... -m lejepa.train ARGS
+- local, deepspeed:  python -m deepspeed.launcher.runner --num_gpus N ... --module lejepa.train ARGS
+- hostfile:          python -m deepspeed.launcher.runner --hostfile H --launcher pdsh ... (one launch for all
+                     nodes over ssh), or with --no_ssh --node_rank R on every node (one agent per node)
+- slurm:             sbatch --wait SCRIPT, where SCRIPT runs `srun python -u -m lejepa.train ARGS` once per rank
+
+ARGS (`--config FILE --set key=value ...`) reach every rank unchanged, so FILE, this Python and this working
+directory must exist at the same paths on every node (a shared file system). Credentials stay environment
+variables: local ranks and Slurm jobs inherit them; remote hostfile ranks get AWS_*, DS_ACCELERATOR and
+`launch.env` through DeepSpeed's .deepspeed_env file. Their values are masked in everything we print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
+
+PROGRAM = "lejepa.train"
+FORWARDED_ENV = ("AWS_*", "DS_ACCELERATOR")
+# DeepSpeed wraps .deepspeed_env values in double quotes inside a remote shell command: these would be expanded.
+_UNSAFE_ENV_VALUE = re.compile(r'["$`\\\n]')
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|_KEY", re.IGNORECASE)
+_TRACEBACK = "Traceback (most recent call last):"
+_LAUNCHER_EXCEPTIONS = ("ChildFailedError", "CalledProcessError")
+
+
+class LaunchError(RuntimeError):
+    """A launch a user asked for cannot start (missing hostfile, sbatch or pdsh; unreachable host)."""
+
+
+def launch(
+    cfg: PipelineConfig, program_args: list[str], *, dry_run: bool = False, program: str = PROGRAM
+) -> int:
+    """Run `program` (a module name, or a path ending in .py) on every rank; return the exit status.
+
+    With dry_run the launcher command (slurm: the sbatch script) is printed and nothing runs.
+    """
+    lc = cfg.launch
+    if lc.mode == "slurm":
+        return _launch_slurm(lc, program, program_args, dry_run=dry_run)
+    env = os.environ.copy()
+    if _accelerator(lc) == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp:
+        if lc.mode == "local":
+            argv = local_command(lc, program, program_args, log_dir=Path(tmp) / "logs")
+            if _accelerator(lc) == "cpu":
+                # torchrun would give every rank one thread; share the cores out instead.
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_nproc(lc))))
+        else:
+            argv = hostfile_command(lc, program, program_args)
+            if not lc.no_ssh and not dry_run:
+                _check_hostfile_backend(lc)
+                env_file = Path(tmp) / ".deepspeed_env"
+                _write_deepspeed_env(env_file, env, lc.env)
+                # An absolute name makes DeepSpeed read this file instead of ~/.deepspeed_env and
+                # ./.deepspeed_env, whose lines it already holds.
+                env["DS_ENV_FILE"] = str(env_file)
+                if lc.ssh_options:
+                    env["PDSH_SSH_ARGS_APPEND"] = shlex.join(lc.ssh_options)
+        print(f"launch: {shlex.join(argv)}", flush=True)
+        if dry_run:
+            return 0
+        rc, tail = _stream(argv, env, _secret_values(env))
+    if rc != 0:
+        print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
+    return rc
+
+
+def local_command(lc: LaunchConfig, program: str, program_args: list[str], *, log_dir: Path) -> list[str]:
+    """The torchrun or DeepSpeed command that starts `nproc_per_node` ranks on this machine."""
+    nproc = _local_nproc(lc)
+    addr = lc.master_addr or "127.0.0.1"
+    port = lc.master_port or free_port()
+    if lc.launcher == "torchrun":
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
+            f"--nproc_per_node={nproc}", f"--master_addr={addr}", f"--master_port={port}",
+            # Tee both streams of every rank to the console, each line prefixed with its global rank.
+            "--tee=3", f"--log_dir={log_dir}", "--log_line_prefix_template=[rank${rank}]: ",
+        ]
+        return argv + (["-m", program] if _is_module(program) else [program]) + program_args
+    argv = [
+        sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+        f"--master_addr={addr}", f"--master_port={port}",
+    ]
+    return argv + _deepspeed_program(program, program_args)
+
+
+def hostfile_command(lc: LaunchConfig, program: str, program_args: list[str]) -> list[str]:
+    """DeepSpeed's multi-node launcher over the hostfile: all nodes over ssh, or this node with no_ssh."""
+    hosts = _read_hostfile(lc.hostfile)
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={lc.hostfile}"]
+    if lc.no_ssh:
+        missing = [name for name in ("node_rank", "master_addr", "master_port") if getattr(lc, name) is None]
+        if missing:
+            raise LaunchError(
+                f"launch.no_ssh needs {', '.join('launch.' + m for m in missing)}: every node's launcher "
+                "must name its own node_rank and the same master_addr and master_port"
+            )
+        if lc.node_rank >= len(hosts):
+            raise LaunchError(f"launch.node_rank={lc.node_rank} but {lc.hostfile} names {len(hosts)} hosts")
+        argv += ["--no_ssh", f"--node_rank={lc.node_rank}"]
+    else:
+        argv += [f"--launcher={lc.multinode_launcher}", "--no_ssh_check"]  # we check ssh with ssh_options
+        if lc.ssh_port is not None:
+            argv.append(f"--ssh_port={lc.ssh_port}")
+    argv += [f"--master_addr={lc.master_addr or hosts[0]}", f"--master_port={lc.master_port or free_port()}"]
+    if lc.nnodes is not None:
+        argv.append(f"--num_nodes={lc.nnodes}")
+    if lc.nproc_per_node is not None:
+        argv.append(f"--num_gpus={lc.nproc_per_node}")
+    return argv + _deepspeed_program(program, program_args)
+
+
+def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log_path: Path) -> str:
+    """The sbatch script: one srun task per rank, each given RANK/LOCAL_RANK/WORLD_SIZE from Slurm's ids."""
+    cpu = _accelerator(lc) == "cpu"
+    directives = [
+        f"--job-name={lc.job_name}",
+        f"--nodes={lc.nnodes or 1}",
+        f"--ntasks-per-node={lc.nproc_per_node or (1 if cpu else lc.gpus_per_node)}",
+        f"--output={log_path}",
+        f"--chdir={Path.cwd()}",
+    ]
+    if lc.gpus_per_node:
+        directives.append(f"--gpus-per-node={lc.gpus_per_node}")
+    if lc.cpus_per_task:
+        directives.append(f"--cpus-per-task={lc.cpus_per_task}")
+    directives += [f"--{name}={value}" for name in ("partition", "account", "time")
+                   if (value := getattr(lc, name)) is not None]
+    directives += lc.extra_sbatch
+    port = str(lc.master_port) if lc.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
+    srun = ["srun", "--label", "--kill-on-bad-exit=1"]
+    if lc.cpus_per_task:
+        srun.append(f"--cpus-per-task={lc.cpus_per_task}")  # srun no longer inherits it from sbatch
+    command = [sys.executable, "-u"] + (["-m", program] if _is_module(program) else [program]) + program_args
+    lines = [
+        "#!/bin/bash",
+        *(f"#SBATCH {d}" for d in directives),
+        "# Generated by lejepa.launch. sbatch and srun pass the submitting shell's environment (credentials",
+        "# included) on to every rank: nothing secret is written here.",
+        "set -euo pipefail",
+        "export MASTER_ADDR=" + (lc.master_addr or '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'),
+        f"export MASTER_PORT={port}",
+    ]
+    if cpu:
+        lines.append("export DS_ACCELERATOR=cpu")
+    if lc.cpus_per_task:
+        lines.append(f"export OMP_NUM_THREADS={lc.cpus_per_task}")
+    rank_env = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec \"$@\""
+    lines.append(f"{shlex.join(srun)} bash -c {shlex.quote(rank_env)} rank {shlex.join(command)}")
+    return "\n".join(lines) + "\n"
+
+
+def rank_error(lines: Iterable[str], returncode: int) -> str:
+    """One line naming the rank that failed first and its error, from the launch's output."""
+    lines = list(lines)
+    for start, line in enumerate(lines):
+        if _TRACEBACK not in line:
+            continue
+        prefix = line[: line.index(_TRACEBACK)]
+        error = _exception_line(lines[start + 1:], prefix)
+        if error and not error.split(":")[0].endswith(_LAUNCHER_EXCEPTIONS):
+            return f"{_who(prefix)}: {error} (exit status {returncode})"
+    # No traceback: torchrun's summary names the rank; its last line of output is the best error we have.
+    failed = re.search(r"rank\s*:\s*(\d+) \(local_rank", "\n".join(lines))
+    if failed:
+        prefix = f"[rank{failed.group(1)}]: "
+        said = [line[len(prefix):] for line in lines if line.startswith(prefix) and line[len(prefix):].strip()]
+        if said:
+            return f"rank {failed.group(1)}: {said[-1].strip()} (exit status {returncode})"
+        return f"rank {failed.group(1)} exited with status {returncode}"
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+    return f"a rank exited with status {returncode}; last output: {last}"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (the rendezvous binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def forwarded_env(environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+    """The variables remote ranks receive: AWS_*, DS_ACCELERATOR and the names or NAME_* patterns in extra."""
+    patterns = [*FORWARDED_ENV, *extra]
+    return {k: v for k, v in sorted(environ.items()) if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m lejepa.launch --config FILE [--set key=value ...] [--dry-run]`: launch lejepa.train."""
+    parser = argparse.ArgumentParser(prog="python -m lejepa.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file, read by every rank (defaults apply when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set launch.nproc_per_node=4 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the launch command or sbatch script only")
+    args = parser.parse_args(argv)
+    program_args = (["--config", args.config] if args.config else [])
+    program_args += [arg for item in args.overrides for arg in ("--set", item)]
+    try:
+        return launch(load_config(args.config, args.overrides), program_args, dry_run=args.dry_run)
+    except (ConfigError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _launch_slurm(lc: LaunchConfig, program: str, program_args: list[str], *, dry_run: bool) -> int:
+    stem = f"{lc.job_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    slurm_dir = Path(lc.slurm_dir).absolute()
+    script = slurm_script(lc, program, program_args, log_path=slurm_dir / f"{stem}.out")
+    if dry_run:
+        print(script, end="", flush=True)
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise LaunchError("launch.mode=slurm needs sbatch on PATH: run on a Slurm login node (or --dry-run)")
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    script_path = slurm_dir / f"{stem}.sbatch"
+    script_path.write_text(script)
+    log_path = slurm_dir / f"{stem}.out"
+    argv = [sbatch, "--parsable"] + (["--wait"] if lc.wait else []) + [str(script_path)]
+    print(f"launch: {shlex.join(argv)}  (log: {log_path})", flush=True)
+    if not lc.wait:
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"launch failed: sbatch: {done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
+        else:
+            print(f"launch: submitted Slurm job {done.stdout.strip()}", flush=True)
+        return done.returncode
+    rc, tail = _follow_job(argv, log_path, _secret_values(os.environ))
+    if rc != 0:
+        print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
+    return rc
+
+
+def _follow_job(argv: list[str], log_path: Path, secrets: list[str]) -> tuple[int, deque[str]]:
+    """Run `sbatch --wait` and stream the job's log file while it runs."""
+    tail: deque[str] = deque(maxlen=2000)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    offset, partial = 0, ""
+
+    def read_new() -> None:
+        nonlocal offset, partial
+        if not log_path.exists():
+            return
+        with log_path.open("r", errors="replace") as f:
+            f.seek(offset)
+            chunk = f.read()
+            offset = f.tell()
+        *complete, partial = (partial + chunk).split("\n")
+        for line in complete:
+            _emit(line, secrets, tail)
+
+    try:
+        while proc.poll() is None:
+            read_new()
+            time.sleep(0.5)
+    except BaseException:
+        _stop(proc)  # sbatch --wait cancels the job when interrupted
+        raise
+    read_new()
+    if partial:
+        _emit(partial, secrets, tail)
+    for line in (proc.stdout.read() if proc.stdout else "").splitlines():
+        _emit(f"sbatch: {line}", secrets, tail)
+    return proc.returncode, tail
+
+
+def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[int, deque[str]]:
+    """Run the launcher, echo its merged output line by line, and keep the tail for the error line."""
+    tail: deque[str] = deque(maxlen=2000)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            _emit(line.rstrip("\n"), secrets, tail)
+        return proc.wait(), tail
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Interrupt a launcher (it stops its ranks), then kill its process group if it does not end."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _emit(line: str, secrets: list[str], tail: deque[str]) -> None:
+    for value in secrets:
+        line = line.replace(value, "***")
+    print(line, flush=True)
+    tail.append(line)
+
+
+def _secret_values(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    # Short values would mask ordinary words; real keys and tokens are long.
+    return [v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+
+
+def _write_deepspeed_env(path: Path, environ: dict[str, str], extra: list[str]) -> None:
+    """Write DeepSpeed's KEY=VALUE env file (mode 0600): the user's own .deepspeed_env lines, then ours."""
+    name = environ.get("DS_ENV_FILE", ".deepspeed_env")
+    lines: dict[str, str] = {}
+    for base in (Path.home(), Path.cwd()):
+        user_file = base / name
+        if user_file.is_file():
+            for raw in user_file.read_text().splitlines():
+                key, sep, value = raw.partition("=")
+                if sep and key.strip() and not key.lstrip().startswith("#"):
+                    lines[key.strip()] = value
+    for key, value in forwarded_env(environ, extra).items():
+        if _UNSAFE_ENV_VALUE.search(value):
+            raise LaunchError(
+                f"cannot forward ${key} to remote ranks: DeepSpeed's ssh launch would expand its "
+                'characters ("$`\\ or a newline); remove them or set it on the hosts themselves'
+            )
+        lines[key] = value
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in lines.items())
+
+
+def _check_hostfile_backend(lc: LaunchConfig) -> None:
+    """Fail with one line before DeepSpeed starts when pdsh is missing or a host refuses ssh."""
+    if lc.multinode_launcher != "pdsh":
+        return
+    if shutil.which("pdsh") is None:
+        raise LaunchError("launch.multinode_launcher=pdsh needs pdsh on PATH: apt-get install pdsh")
+    hosts = _read_hostfile(lc.hostfile)[: lc.nnodes]
+    port = ["-p", str(lc.ssh_port)] if lc.ssh_port is not None else []
+    for host in hosts:
+        check = subprocess.run(
+            ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *port, *lc.ssh_options, host, "true"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        if check.returncode != 0:
+            reason = (check.stderr.strip().splitlines() or ["no reason given"])[-1]
+            raise LaunchError(
+                f"cannot ssh to {host} from {lc.hostfile} ({reason}): set up passwordless ssh to every host, "
+                "or point launch.ssh_port / launch.ssh_options at it"
+            )
+
+
+def _read_hostfile(hostfile: str | None) -> list[str]:
+    if hostfile is None:
+        raise LaunchError("launch.mode=hostfile needs launch.hostfile: a file of `host slots=N` lines")
+    path = Path(hostfile)
+    if not path.is_file():
+        raise LaunchError(f"hostfile {hostfile} does not exist: set launch.hostfile to an existing file")
+    hosts = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not hosts:
+        raise LaunchError(f"hostfile {hostfile} names no hosts: write one `host slots=N` line per node")
+    return hosts
+
+
+def _deepspeed_program(program: str, program_args: list[str]) -> list[str]:
+    # lejepa.train reads LOCAL_RANK from the environment, so DeepSpeed must not add --local_rank.
+    return ["--no_local_rank"] + (["--module"] if _is_module(program) else []) + [program] + program_args
+
+
+def _local_nproc(lc: LaunchConfig) -> int:
+    if lc.nproc_per_node is not None:
+        return lc.nproc_per_node
+    if _accelerator(lc) == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 2
+
+
+def _accelerator(lc: LaunchConfig) -> str:
+    if lc.accelerator != "auto":
+        return lc.accelerator
+    if lc.mode == "slurm":
+        return "cuda" if lc.gpus_per_node else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_module(program: str) -> bool:
+    return not program.endswith(".py")
+
+
+def _exception_line(lines: list[str], prefix: str) -> str | None:
+    """The exception that ends the traceback starting at lines[0] (the last one of a chain)."""
+    error = None
+    for line in lines:
+        if not line.startswith(prefix):
+            continue
+        body = line[len(prefix):]
+        if not body.strip() or body[0].isspace() or body.startswith(_TRACEBACK):
+            continue
+        if body.startswith(("During handling of the above", "The above exception")):
+            error = None
+            continue
+        if error is not None:
+            break
+        error = body.strip()
+    return error
+
+
+def _who(prefix: str) -> str:
+    """Name a rank from the prefix its launcher gave its lines: torchrun [rankN]:, srun N:, pdsh host:."""
+    prefix = prefix.strip()
+    if match := re.fullmatch(r"\[rank(\d+)\]:", prefix) or re.fullmatch(r"(\d+):", prefix):
+        return f"rank {match.group(1)}"
+    if prefix.endswith(":"):
+        return f"a rank on {prefix[:-1]}"
+    return "a rank"
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,41 @@
+"""The LeJEPA objective: predict the global views' mean, keep every view's embedding Gaussian.
+
+target      = mean of the G global views' projections          (no stop-gradient)
+prediction  = mean over views, samples and dims of (proj_v - target)^2
+sigreg      = SIGReg statistic of each view's projections, averaged over views
+total       = (1 - lamb) * prediction + lamb * sigreg
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from lejepa.sigreg import SIGReg
+
+
+class LeJEPALoss(NamedTuple):
+    total: Tensor
+    prediction: Tensor
+    sigreg: Tensor
+
+
+def lejepa_loss(projections: Tensor, num_global: int, sigreg: SIGReg, lamb: float = 0.05) -> LeJEPALoss:
+    """LeJEPA loss of `projections` (V, N, P) whose first `num_global` views are the global ones.
+
+    `lamb` is the method's single trade-off hyperparameter (0.05 in the paper).
+    """
+    if projections.dim() != 3:
+        raise ValueError(f"projections must be (views, batch, dim), got shape {tuple(projections.shape)}")
+    if not 1 <= num_global <= projections.shape[0]:
+        raise ValueError(f"num_global must be in [1, {projections.shape[0]}], got {num_global}")
+    target = projections[:num_global].mean(dim=0)
+    prediction = (projections - target).square().mean()
+    # SIGReg on (V, N, P) averages the per-view statistics: each view's batch is tested separately.
+    regulariser = sigreg(projections)
+    total = (1.0 - lamb) * prediction + lamb * regulariser
+    return LeJEPALoss(total, prediction, regulariser)
+
+
+__all__ = ["LeJEPALoss", "lejepa_loss"]

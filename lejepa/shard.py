@@ -1,0 +1,589 @@
+"""Shard stage: any image source to WebDataset tar shards on object storage, committed by a manifest.
+
+Layout: `{root}/datasets/{name}/{version}/{split}-{000000}.tar`, `manifest.json` beside the shards, and
+`{root}/datasets/{name}/latest.json` pointing at the newest manifest. Each sample is `key.png|jpg|...`
+(the source's bytes when already encoded, PNG for raw pixels), `key.cls` when labelled, `key.json`.
+
+The manifest is written last and is the commit point: readers only trust shards a manifest lists, so a
+crash never exposes a partial dataset. `version` derives from the source fingerprint and the sharding
+parameters, so running again on the same input finds the manifest and returns at once.
+
+The work is a deterministic partition of the samples into groups of `shard.samples_per_shard`: group i
+becomes one shard, written independently by `write_shard_group(plan, i)` (one Prefect task per group in
+the orchestrated pipeline; a local process pool here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import posixpath
+import signal
+import subprocess
+import sys
+import struct
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+import lejepa
+from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.sources import DataError, Item, Payload, Rejection, Source, open_source
+from lejepa.storage import TMP_PREFIX, Storage, StorageError
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+# Fault injection for the crash-safety test: SIGKILL this process after N shards are written.
+CRASH_AFTER_ENV = "LEJEPA_SHARD_CRASH_AFTER"
+COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+
+
+# -- manifest --------------------------------------------------------------------------------------------
+
+
+class ShardEntry(BaseModel):
+    url: str
+    split: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+class RejectedSample(BaseModel):
+    id: str
+    reason: str
+
+
+class ImageStats(BaseModel):
+    """What the loaders decode to, and how to normalise it."""
+
+    size: tuple[int, int]
+    """(height, width) every image is resized/cropped to by the loaders."""
+    mode: str
+    """PIL mode the loaders convert to: L (1 channel) or RGB (3 channels)."""
+    mean: list[float]
+    """Per-channel mean of the train split, pixels scaled to [0, 1]."""
+    std: list[float]
+    sizes: dict[str, int]
+    """How many source images had each size, `HxW` (the 20 most common)."""
+    modes: dict[str, int]
+    """How many source images had each PIL mode."""
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+
+class SplitInfo(BaseModel):
+    num_samples: int
+    num_shards: int
+
+
+class ShardManifest(BaseModel):
+    format: int = FORMAT_VERSION
+    name: str
+    version: str
+    url: str
+    """Where this manifest lives; shard URLs are absolute."""
+    created: str
+    code_version: str
+    source: dict[str, Any]
+    """kind, path and fingerprint of the source."""
+    params: dict[str, Any]
+    """The sharding parameters that, with the fingerprint, determine `version`."""
+    class_names: list[str] | None
+    splits: dict[str, SplitInfo]
+    image: ImageStats
+    shards: list[ShardEntry]
+    rejected: list[RejectedSample]
+
+    @classmethod
+    def load(cls, storage: Storage, url: str) -> ShardManifest:
+        try:
+            return cls.model_validate(storage.read_json(url))
+        except FileNotFoundError:
+            raise DataError(f"no shard manifest at {url}: run `lejepa-pipeline shard` first") from None
+
+    def shards_for(self, split: str) -> list[ShardEntry]:
+        if split not in self.splits:
+            raise DataError(f"dataset {self.name}/{self.version} has no split '{split}' (has {list(self.splits)})")
+        return [s for s in self.shards if s.split == split]
+
+    def num_samples(self, split: str) -> int:
+        return self.splits[split].num_samples if split in self.splits else 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names or [])
+
+
+class ShardSummary(BaseModel):
+    manifest: str
+    version: str
+    num_samples: dict[str, int]
+    num_shards: int
+    rejected: int
+    up_to_date: bool
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+# -- planning --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardGroup:
+    split: str
+    index: int
+    """Shard number inside its split."""
+    items: list[tuple[int, Item]]
+    """(sample number in the source listing, item); the number becomes the sample's key."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    version: str
+    storage: Storage
+    source: Source
+    params: dict[str, Any]
+    fingerprint: str
+    groups: list[ShardGroup]
+    class_names: list[str] | None
+    listing_rejects: list[Rejection] = field(default_factory=list)
+
+    @property
+    def dataset_url(self) -> str:
+        return self.storage.url("datasets", self.name, self.version)
+
+    @property
+    def manifest_url(self) -> str:
+        return posixpath.join(self.dataset_url, "manifest.json")
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(g.items) for g in self.groups)
+
+
+def _params(cfg: PipelineConfig) -> dict[str, Any]:
+    d, s = cfg.data, cfg.shard
+    return {
+        "format": FORMAT_VERSION,
+        "samples_per_shard": s.samples_per_shard,
+        "png_compress_level": s.png_compress_level,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "split_seed": d.split_seed,
+        "image_size": d.image_size,
+        "mode": d.mode,
+        "limit": d.limit,
+    }
+
+
+def _rank(seed: int, item_id: str) -> bytes:
+    # A seeded hash of the sample's identity: the hold-outs stay put when other files come and go.
+    return hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+
+
+def _assign_splits(items: list[Item], cfg: PipelineConfig, sequential: bool) -> dict[str, list[tuple[int, Item]]]:
+    d = cfg.data
+    numbered = list(enumerate(items))
+    has_test = any(it.split == "test" for it in items)
+    out: dict[str, list[tuple[int, Item]]] = {s: [] for s in SPLITS}
+    out["test"] = [x for x in numbered if x[1].split == "test"]
+    train = sorted((x for x in numbered if x[1].split == "train"), key=lambda x: _rank(d.split_seed, x[1].id))
+    n_val = round(d.val_fraction * len(train))
+    n_test = 0 if has_test else round(d.test_fraction * len(train))
+    out["val"], out["test"], out["train"] = (
+        train[:n_val],
+        out["test"] or train[n_val : n_val + n_test],
+        train[n_val + n_test :],
+    )
+    for split, members in out.items():
+        if sequential:  # tar sources: keep the source order so each shard reads few input tars
+            members.sort(key=lambda x: x[0])
+        elif split == "test" and has_test:  # a native test split is shuffled like the rest
+            members.sort(key=lambda x: _rank(d.split_seed, x[1].id))
+    return {s: m for s, m in out.items() if m}
+
+
+def plan_shards(cfg: PipelineConfig, storage: Storage | None = None, source: Source | None = None) -> ShardPlan:
+    """Fingerprint and list the source, assign splits, and cut the samples into shard groups."""
+    storage = storage or Storage.from_config(cfg.storage)
+    source = source or open_source(cfg.data, storage)
+    params = _params(cfg)
+    fingerprint = source.fingerprint()
+    version = "v-" + hashlib.sha256(json.dumps([fingerprint, params], sort_keys=True).encode()).hexdigest()[:12]
+    items, rejects = source.items()
+    if not items:
+        where = getattr(getattr(source, "storage", None), "root", source.kind)
+        raise DataError(f"{source.kind}: no images found in {where}")
+    groups = []
+    n = cfg.shard.samples_per_shard
+    for split, members in _assign_splits(items, cfg, source.sequential).items():
+        groups += [ShardGroup(split, i // n, members[i : i + n]) for i in range(0, len(members), n)]
+    return ShardPlan(
+        name=cfg.data.name or source.kind,
+        version=version,
+        storage=storage,
+        source=source,
+        params=params,
+        fingerprint=fingerprint,
+        groups=groups,
+        class_names=source.class_names(),
+        listing_rejects=rejects,
+    )
+
+
+def manifest_url_for(cfg: PipelineConfig) -> str:
+    """Where the manifest of `cfg`'s dataset lives (fingerprints the source, so it is exact, not `latest`)."""
+    return plan_shards(cfg).manifest_url
+
+
+def latest_manifest_url(storage: Storage, name: str) -> str:
+    """The manifest the last successful shard run of dataset `name` committed."""
+    pointer = storage.url("datasets", name, "latest.json")
+    try:
+        return storage.read_json(pointer)["manifest"]
+    except FileNotFoundError:
+        raise DataError(f"no dataset '{name}' in {storage.root}: run `lejepa-pipeline shard` first") from None
+
+
+# -- writing one group -----------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256, self.num_bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.num_bytes += len(data)
+        return self.f.write(data)
+
+
+@dataclass
+class GroupResult:
+    """A written shard plus what the manifest needs to know about its samples."""
+
+    entry: ShardEntry | None
+    rejected: list[RejectedSample]
+    sizes: Counter
+    modes: Counter
+    pixel_sums: dict[int, np.ndarray]
+    """channels -> [count of pixels, sum per channel, sum of squares per channel] of 0..255 pixels."""
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """A USTAR file header with fixed metadata (mode 0444, mtime 0), so equal input gives equal shards.
+
+    Written by hand because tarfile's header code costs more than encoding a 28x28 PNG.
+    """
+    header = bytearray(512)
+    header[0:100] = name.encode().ljust(100, b"\0")
+    header[100:108] = b"0000444\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _add_member(out: _HashingWriter, name: str, data: bytes) -> None:
+    if len(name) > 100:
+        raise ValueError(f"tar member name longer than 100 characters: {name}")
+    out.write(_tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512))
+
+
+def _encode_png(pixels: np.ndarray, level: int) -> bytes:
+    """Lossless PNG of (H, W) grey or (H, W, 3) RGB uint8 pixels, without PIL's per-call overhead."""
+    h, w = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+    rows = np.zeros((h, 1 + pixels[0].size), dtype=np.uint8)  # filter byte 0 ("none") before each row
+    rows[:, 1:] = pixels.reshape(h, -1)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(
+        b"IEND", b""
+    )
+
+
+def _decoded(payload: Payload, level: int, target_mode: str) -> tuple[bytes, str, np.ndarray, str, tuple]:
+    """(bytes to store, extension, pixels for statistics, PIL mode, (h, w)); raises if undecodable."""
+    from PIL import Image
+
+    if isinstance(payload, np.ndarray):
+        mode = "L" if payload.ndim == 2 else "RGB"
+        return _encode_png(payload, level), "png", payload, mode, payload.shape[:2]
+    data, ext = payload
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    fmt = (image.format or ext or "png").lower()
+    ext = {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+    colour = image.mode in COLOUR_MODES and target_mode != "L"
+    pixels = np.asarray(image.convert("RGB" if colour else "L"))
+    return data, ext, pixels, image.mode, (image.height, image.width)
+
+
+def write_shard_group(plan: ShardPlan, index: int) -> GroupResult:
+    """Read, validate and write group `index` as one shard; unreadable samples are counted, not fatal."""
+    group = plan.groups[index]
+    url = posixpath.join(plan.dataset_url, group.name)
+    numbers = {item: n for n, item in group.items}
+    result = GroupResult(None, [], Counter(), Counter(), {})
+    level, target_mode = plan.params["png_compress_level"], plan.params["mode"]
+    count = 0
+    with plan.storage.writer(url) as raw:
+        out = _HashingWriter(raw)
+        for item, payload in plan.source.read([it for _, it in group.items]):
+            try:
+                if isinstance(payload, Exception):
+                    raise payload
+                data, ext, pixels, mode, (h, w) = _decoded(payload, level, target_mode)
+            except Exception as exc:  # any decoder failure means a bad file, never a bad run
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                result.rejected.append(RejectedSample(id=item.id, reason=reason))
+                continue
+            key = f"{numbers[item]:08d}"
+            _add_member(out, f"{key}.{ext}", data)
+            if item.label >= 0:
+                _add_member(out, f"{key}.cls", str(item.label).encode())
+            meta = {"id": item.id, "size": [h, w], "mode": mode}
+            _add_member(out, f"{key}.json", json.dumps(meta).encode())
+            count += 1
+            result.sizes[f"{h}x{w}"] += 1
+            result.modes[mode] += 1
+            flat = pixels.reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[2]).astype(np.int64)
+            acc = result.pixel_sums.setdefault(flat.shape[1], np.zeros((3, flat.shape[1]), dtype=np.int64))
+            acc += [np.full(flat.shape[1], len(flat)), flat.sum(0), np.square(flat).sum(0)]
+        out.write(b"\0" * 1024)  # end-of-archive marker
+        if count == 0:  # nothing valid: leave no empty shard behind
+            raise _EmptyGroup(result)
+    result.entry = ShardEntry(
+        url=url, split=group.split, num_samples=count, num_bytes=out.num_bytes, sha256=out.sha256.hexdigest()
+    )
+    return result
+
+
+class _EmptyGroup(Exception):
+    def __init__(self, result: GroupResult) -> None:
+        self.result = result
+
+
+def _write_group_or_empty(plan: ShardPlan, index: int) -> GroupResult:
+    try:
+        return write_shard_group(plan, index)
+    except _EmptyGroup as empty:
+        return empty.result
+
+
+# A process pool gets the plan once per worker (it can list 100k items), then only group numbers.
+_WORKER_PLAN: ShardPlan | None = None
+
+
+def _init_worker(plan: ShardPlan) -> None:
+    global _WORKER_PLAN
+    _WORKER_PLAN = plan
+
+
+def _run_in_worker(index: int) -> tuple[int, GroupResult]:
+    assert _WORKER_PLAN is not None
+    return index, _write_group_or_empty(_WORKER_PLAN, index)
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+
+def _image_stats(cfg: PipelineConfig, plan: ShardPlan, results: Sequence[GroupResult]) -> ImageStats:
+    sizes, modes = Counter(), Counter()
+    train_sizes = Counter()
+    sums: dict[int, np.ndarray] = {}
+    for group, r in zip(plan.groups, results):
+        sizes += r.sizes
+        modes += r.modes
+        if group.split == "train" or not any(g.split == "train" for g in plan.groups):
+            train_sizes += r.sizes
+            for c, acc in r.pixel_sums.items():
+                sums[c] = sums.get(c, 0) + acc
+    mode = cfg.data.mode
+    if mode == "auto":
+        mode = "RGB" if any(m in COLOUR_MODES for m in modes) else "L"
+    channels = 1 if mode == "L" else 3
+    total = np.zeros((3, channels))
+    for c, acc in sums.items():  # grey images count as R = G = B in an RGB dataset
+        total += acc if c == channels else np.repeat(acc, channels, axis=1)
+    mean = total[1] / np.maximum(total[0], 1) / 255
+    std = np.sqrt(np.maximum(total[2] / np.maximum(total[0], 1) / 255**2 - mean**2, 0))
+    if cfg.data.image_size:
+        size = (cfg.data.image_size, cfg.data.image_size)
+    else:
+        h, w = train_sizes.most_common(1)[0][0].split("x")
+        size = (int(h), int(w))
+    return ImageStats(
+        size=size,
+        mode=mode,
+        mean=[round(float(x), 6) for x in mean],
+        std=[round(float(x), 6) for x in std],
+        sizes=dict(sizes.most_common(20)),
+        modes=dict(modes),
+    )
+
+
+def _code_version() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(__file__),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"lejepa {lejepa.__version__}" + (f" ({commit})" if commit else "")
+
+
+def _summary(m: ShardManifest, up_to_date: bool, seconds: float = 0.0, images: int = 0) -> ShardSummary:
+    return ShardSummary(
+        manifest=m.url,
+        version=m.version,
+        num_samples={s: i.num_samples for s, i in m.splits.items()},
+        num_shards=len(m.shards),
+        rejected=len(m.rejected),
+        up_to_date=up_to_date,
+        seconds=round(seconds, 3),
+        images_per_s=round(images / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResult]:
+    from tqdm import tqdm
+
+    crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
+    results: list[GroupResult | None] = [None] * len(plan.groups)
+    bar = tqdm(total=plan.num_items, unit="img", unit_scale=True, desc=f"shard {plan.name}",
+               file=sys.stderr, disable=not progress)
+    done = 0
+
+    def finished(index: int, result: GroupResult) -> None:
+        nonlocal done
+        results[index] = result
+        bar.update(len(plan.groups[index].items))
+        done += 1
+        if crash_after and done >= crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with bar:
+        if workers <= 1:
+            for i in range(len(plan.groups)):
+                finished(i, _write_group_or_empty(plan, i))
+        else:
+            # spawn: s3fs keeps threads and sockets that a forked child must not inherit.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)) as pool:
+                for future in as_completed([pool.submit(_run_in_worker, i) for i in range(len(plan.groups))]):
+                    finished(*future.result())
+    return results  # type: ignore[return-value]
+
+
+def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True) -> ShardSummary:
+    """Shard `cfg.data` into `cfg.storage`, or return at once when that exact dataset is already there."""
+    start = time.perf_counter()
+    storage = Storage.from_config(cfg.storage)
+    storage.check(write=True)
+    plan = plan_shards(cfg, storage)
+    if storage.exists(plan.manifest_url):
+        if not force:
+            return _summary(ShardManifest.load(storage, plan.manifest_url), up_to_date=True)
+        storage.rm(plan.manifest_url)  # uncommit first: a crash during the rebuild must not expose it
+    for stale in storage.ls(plan.dataset_url):  # temporary files of a killed run
+        if posixpath.basename(stale).startswith(TMP_PREFIX):
+            storage.rm(stale)
+
+    workers = min(cfg.shard.workers or os.cpu_count() or 1, len(plan.groups))
+    results = _run_groups(plan, workers, progress)
+    shards = [r.entry for r in results if r.entry is not None]
+    rejected = [RejectedSample(id=r.id, reason=r.reason) for r in plan.listing_rejects]
+    rejected += [x for r in results for x in r.rejected]
+    if not shards:
+        first = f" (first: {rejected[0].id}: {rejected[0].reason})" if rejected else ""
+        raise DataError(f"{plan.source.kind}: no valid images in {cfg.data.path or plan.source.kind}"
+                        f", {len(rejected)} rejected{first}")
+    splits = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s.split == split]
+        if mine:
+            splits[split] = SplitInfo(num_samples=sum(s.num_samples for s in mine), num_shards=len(mine))
+    manifest = ShardManifest(
+        name=plan.name,
+        version=plan.version,
+        url=plan.manifest_url,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=_code_version(),
+        source={"kind": plan.source.kind, "path": cfg.data.path, "fingerprint": plan.fingerprint},
+        params=plan.params,
+        class_names=plan.class_names,
+        splits=splits,
+        image=_image_stats(cfg, plan, results),
+        shards=shards,
+        rejected=rejected,
+    )
+    storage.write_json(plan.manifest_url, manifest.model_dump(mode="json"))
+    storage.write_json(
+        storage.url("datasets", plan.name, "latest.json"), {"version": plan.version, "manifest": plan.manifest_url}
+    )
+    return _summary(manifest, up_to_date=False, seconds=time.perf_counter() - start,
+                    images=sum(s.num_samples for s in shards))
+
+
+run_shard = write_shards
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`lejepa-pipeline shard --config FILE [--set key=value ...] [--force]`; the last line is JSON."""
+    parser = argparse.ArgumentParser(prog="lejepa-pipeline shard", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (defaults apply when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.source=digits (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the dataset is up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = write_shards(cfg, force=args.force, progress=not args.no_progress)
+    except (ConfigError, StorageError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

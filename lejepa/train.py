@@ -1,0 +1,445 @@
+"""The pretrain stage's per-rank program: LeJEPA with DeepSpeed, from a dataset manifest to an encoder.
+
+Run one copy per rank (the launcher in `lejepa.launch` does that; `python -m lejepa.train --config FILE`
+alone is a one-process run). Each rank streams its share of the shards, makes the multi-crop views,
+and steps a DeepSpeed engine on the LeJEPA loss, whose SIGReg term is computed over the global batch.
+Restarting the same run resumes from its latest complete checkpoint: model, optimizer, scheduler, SIGReg
+step, online probe, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lejepa.checkpoint import CheckpointStore
+from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.data import TrainStream
+from lejepa.export import DESCRIPTION, encoder_description, export_encoder
+from lejepa.loss import LeJEPALoss, lejepa_loss
+from lejepa.model import Encoder
+from lejepa.shard import ShardManifest, locate_manifest
+from lejepa.sigreg import SIGReg
+from lejepa.storage import Storage, StorageError
+from lejepa.views import MultiCropViews
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as the latest."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    checkpoint: str
+    encoder: str
+    steps: int
+    final_loss: float
+
+
+class LeJEPAModel(nn.Module):
+    """What DeepSpeed trains: encoder + projector with the loss, so one forward gives the loss."""
+
+    def __init__(self, encoder: Encoder, sigreg: SIGReg, lamb: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.sigreg = sigreg
+        self.lamb = lamb
+
+    def forward(self, global_views: Tensor, local_views: Tensor) -> tuple[LeJEPALoss, Tensor]:
+        embeddings, projections = self.encoder.forward_views(global_views, local_views)
+        return lejepa_loss(projections, global_views.shape[0], self.sigreg, self.lamb), embeddings
+
+
+class OnlineProbe:
+    """A linear classifier on detached global-view embeddings, trained beside the encoder.
+
+    It has its own optimizer outside DeepSpeed, so it can neither change the encoder's gradients nor
+    enter the gradient-norm clipping; its gradients are averaged over ranks to keep replicas equal.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, device: torch.device, lr: float = 1e-3) -> None:
+        self.head = nn.Linear(embed_dim, num_classes).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-6)
+
+    def step(self, embeddings: Tensor, labels: Tensor) -> tuple[float, float]:
+        features = embeddings.detach().float().flatten(0, 1)
+        targets = labels.repeat(embeddings.shape[0])
+        logits = self.head(features)
+        loss = nn.functional.cross_entropy(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        self.optimizer.step()
+        return loss.item(), (logits.argmax(1) == targets).float().mean().item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _is_vit(backbone: str) -> bool:
+    return any(key in backbone for key in ("vit", "deit", "eva", "beit"))
+
+
+def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; keys of `pretrain.deepspeed_config` (a file) override ours."""
+    p = cfg.pretrain
+    bf16 = p.precision == "bf16" or (p.precision == "auto" and use_cuda)
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": p.batch_size,
+        "gradient_accumulation_steps": p.grad_accum,
+        "train_batch_size": p.batch_size * p.grad_accum * world_size,
+        "gradient_clipping": p.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": p.zero_stage},
+        # Our optimizer is plain torch AdamW (DeepSpeed's fused one needs CUDA): allow it under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config is None:
+        return generated
+    path = Path(p.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"pretrain.deepspeed_config: {path} does not exist: pass a DeepSpeed JSON file")
+    try:
+        override = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"pretrain.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    return _merge(generated, override)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
+    return merged
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float):
+    """LR multiplier: linear warm-up over the first steps, then a cosine down to `min_ratio`."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Norm weights and biases are 1-D: decaying them only shrinks the scales LayerNorm/BN learn.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group (or make a group of one); returns rank, world size, device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # started by hand: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    use_cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class MetricsLog:
+    """Rank 0's per-step JSON lines, kept locally and copied to the run folder at every checkpoint."""
+
+    def __init__(self, storage: Storage, run_url: str, local_dir: Path) -> None:
+        self.storage, self.url = storage, f"{run_url}/metrics.jsonl"
+        self.local = local_dir / "metrics.jsonl"
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+
+    def restart_at(self, step: int) -> None:
+        """Keep the lines up to `step` (a resumed run repeats nothing after its checkpoint)."""
+        lines = (
+            self.storage.read_bytes(self.url).decode().splitlines() if self.storage.exists(self.url) else []
+        )
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        self.local.write_text("".join(line + "\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.local.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        if self.local.exists() and self.storage._path(self.url) != str(self.local):
+            self.storage.put_file(self.local, self.url)
+
+
+def train(cfg: PipelineConfig) -> TrainSummary:
+    """Train on every rank of the current launch; rank 0 returns the summary (others return it too)."""
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world, device = init_distributed()
+    p = cfg.pretrain
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    storage = Storage.from_config(cfg.storage)
+    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+    run_url = storage.url("runs", p.run_name)
+    local_run = (
+        Path(storage._path(run_url)) if storage.protocol == "file" else Path("/tmp/lejepa-runs") / p.run_name
+    )
+
+    views = MultiCropViews.from_config(
+        cfg.views,
+        resolution=manifest.image_size,
+        channels=manifest.channels,
+        mean=manifest.mean,
+        std=manifest.std,
+    )
+    stream = TrainStream(
+        manifest,
+        storage,
+        split="train",
+        batch_size=p.batch_size,
+        transform=views,
+        num_workers=p.num_workers,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+    )
+    micro_steps_per_epoch = stream.steps_per_epoch
+    if micro_steps_per_epoch < p.grad_accum:
+        raise ConfigError(
+            f"pretrain.batch_size: {p.batch_size} x {world} ranks x {p.grad_accum} accumulation exceeds the "
+            f"{manifest.num_samples['train']} training images: lower the batch size"
+        )
+    total_steps = p.max_steps or max(1, int(p.epochs * micro_steps_per_epoch) // p.grad_accum)
+
+    encoder = Encoder.from_config(cfg.model, in_chans=manifest.channels, img_size=views.global_size)
+    model = LeJEPAModel(
+        encoder, SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed), cfg.loss.lamb
+    )
+    weight_decay = (
+        p.weight_decay if p.weight_decay is not None else (5e-2 if _is_vit(cfg.model.backbone) else 5e-4)
+    )
+    ds_config = deepspeed_config(cfg, world, device.type == "cuda")
+    optimizer = (
+        None if "optimizer" in ds_config else torch.optim.AdamW(_param_groups(model, weight_decay), lr=p.lr)
+    )
+    scheduler = None
+    if optimizer is not None and "scheduler" not in ds_config:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, p.warmup_fraction, p.min_lr_ratio)
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+
+    probe = (
+        OnlineProbe(encoder.embed_dim, len(manifest.classes), device)
+        if p.online_probe and manifest.classes
+        else None
+    )
+    checkpoints = CheckpointStore(storage, run_url)
+    metrics = MetricsLog(storage, run_url, local_run)
+    client_state = checkpoints.load(engine)
+    step = 0
+    if client_state is not None:
+        step = client_state["step"]
+        stream.load_state_dict(client_state["data"])
+        _set_rng_state(
+            client_state["rng"][rank] if len(client_state["rng"]) == world else client_state["rng"][0]
+        )
+        if probe is not None and client_state.get("probe"):
+            probe.load_state_dict(client_state["probe"])
+    if rank == 0:
+        metrics.restart_at(step)
+        storage.write_json(f"{run_url}/config.json", redacted(cfg))
+        print(
+            f"[pretrain] run {run_url}: {'resuming at step ' + str(step) if step else 'starting'}, "
+            f"{total_steps} steps, {world} rank(s), {manifest.num_samples['train']} training images",
+            flush=True,
+        )
+
+    def save_checkpoint() -> str:
+        rng = [None] * world
+        dist.all_gather_object(rng, _rng_state())
+        state = {
+            "step": step,
+            "data": stream.state_dict(),
+            "rng": rng,
+            "probe": probe.state_dict() if probe else None,
+        }
+        tag = checkpoints.save(engine, step, state)
+        if rank == 0:
+            metrics.sync()
+        return tag
+
+    batches = iter(stream)
+    progress = tqdm(
+        total=total_steps, initial=step, disable=rank != 0, desc="pretrain", unit="step", file=sys.stderr
+    )
+    tag = checkpoints.latest()["tag"] if step else ""
+    final_loss = float("nan")
+    while step < total_steps:
+        started = time.perf_counter()
+        waited = 0.0
+        sums = torch.zeros(5, dtype=torch.float64)
+        for _ in range(p.grad_accum):
+            tick = time.perf_counter()
+            (global_views, local_views), labels = next(batches)
+            waited += time.perf_counter() - tick
+            global_views = global_views.to(device, dtype, non_blocking=True)
+            local_views = local_views.to(device, dtype, non_blocking=True)
+            loss, embeddings = engine(global_views, local_views)
+            # Every rank must see a NaN to stop together, so the check uses the all-reduced values.
+            reduced = (
+                torch.stack([loss.total.detach(), loss.prediction.detach(), loss.sigreg.detach()])
+                .double()
+                .cpu()
+            )
+            dist.all_reduce(reduced)
+            reduced /= world
+            if not torch.isfinite(reduced).all():
+                raise TrainingDiverged(
+                    f"loss is {reduced[0].item()} at step {step + 1}: lower pretrain.lr or raise loss.lamb; "
+                    f"the last good checkpoint ({tag or 'none'}) stays the latest"
+                )
+            engine.backward(loss.total)
+            engine.step()
+            probe_stats = (
+                probe.step(embeddings[: global_views.shape[0]], labels.to(device)) if probe else (0.0, 0.0)
+            )
+            sums += torch.tensor([*reduced.tolist(), *probe_stats], dtype=torch.float64)
+        step += 1
+        means = (sums / p.grad_accum).tolist()
+        final_loss = means[0]
+        elapsed = time.perf_counter() - started
+        if rank == 0:
+            record = {
+                "step": step,
+                "epoch": stream.state_dict()["epoch"],
+                "loss": means[0],
+                "prediction": means[1],
+                "sigreg": means[2],
+                "lr": engine.get_lr()[0],
+                "images_per_s": p.batch_size * p.grad_accum * world / elapsed,
+                "data_wait": waited / elapsed,
+            }
+            if probe is not None:
+                record.update(probe_loss=means[3], probe_acc=means[4])
+            metrics.append(record)
+            progress.update(1)
+            if step % p.log_every == 0:
+                progress.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if step % p.checkpoint_every == 0 or step == total_steps:
+            tag = save_checkpoint()
+    progress.close()
+
+    encoder_url = _export(engine, encoder, cfg, manifest, views, storage, run_url, rank)
+    summary = TrainSummary(run_url, f"{checkpoints.url}/{tag}", encoder_url, step, final_loss)
+    if rank == 0:
+        storage.write_json(f"{run_url}/summary.json", asdict(summary))
+    dist.barrier()
+    return summary
+
+
+def _export(
+    engine: Any,
+    encoder: Encoder,
+    cfg: PipelineConfig,
+    manifest: ShardManifest,
+    views: MultiCropViews,
+    storage: Storage,
+    run_url: str,
+    rank: int,
+) -> str:
+    """Write the backbone for `load_encoder`; under ZeRO-3 its parameters are gathered first."""
+    import deepspeed
+
+    description = encoder_description(
+        cfg.model.backbone,
+        cfg.model.backbone_kwargs,
+        manifest.channels,
+        views.global_size,
+        cfg.model.small_input,
+        encoder.embed_dim,
+        views.mean.tolist(),
+        views.std.tolist(),
+    )
+    params = list(encoder.backbone.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_partition_weights()):
+        if rank == 0:
+            export_encoder(encoder.backbone, description, storage, run_url)
+    dist.barrier()
+    return f"{run_url}/{DESCRIPTION}"
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lejepa.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML config")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    args = parser.parse_args(argv)
+    try:
+        summary = train(load_config(args.config, args.set))
+    except (ConfigError, StorageError, TrainingDiverged) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(asdict(summary)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

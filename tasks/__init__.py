@@ -1,0 +1,1 @@
+"""Prefect tasks: one per pipeline stage, thin wrappers over `lejepa`."""

@@ -1,0 +1,48 @@
+"""Launcher test probe: join the process group the way lejepa.train does, all_reduce, report one line.
+
+Prints `probe rank=R world=W sum=S accelerator=A` and, for each --show-env NAME, `NAME=<sha256 prefix>`
+(never the value), so a test can check that a variable arrived without it appearing in any log.
+--fail-rank R makes rank R raise after joining the group; --exit-rank R exits with --exit-code instead.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+
+def digest(name: str) -> str:
+    value = os.environ.get(name)
+    return "unset" if value is None else hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fail-rank", type=int)
+    parser.add_argument("--exit-rank", type=int)
+    parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--show-env", action="append", default=[])
+    args = parser.parse_args()
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if rank == args.fail_rank:
+        raise RuntimeError(f"probe failure on rank {rank}")
+    if rank == args.exit_rank:
+        print(f"probe rank {rank} giving up with status {args.exit_code}", file=sys.stderr, flush=True)
+        os._exit(args.exit_code)
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    shown = " ".join(f"{name}={digest(name)}" for name in args.show_env)
+    print(f"probe rank={rank} world={dist.get_world_size()} sum={total.item():g} "
+          f"accelerator={os.environ.get('DS_ACCELERATOR', 'unset')} {shown}".rstrip(), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
