@@ -71,7 +71,7 @@ class DataConfig(Section):
     source: Literal["fashion-mnist", "digits", "imagefolder", "webdataset"] = "fashion-mnist"
     """Where images come from; see lejepa.sources for what each one reads."""
     path: str | None = None
-    """Source location (local path or URL); None uses the source's default (fashion-mnist: the Debian package)."""
+    """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's)."""
     name: str | None = None
     """Dataset name in the store ({root}/datasets/{name}/...); None uses the source's name."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -94,7 +94,7 @@ class ShardConfig(Section):
     workers: int | None = Field(None, ge=1)
     """Processes writing shard groups; None uses every core."""
     png_compress_level: int = Field(1, ge=0, le=9)
-    """zlib level when raw pixels (fashion-mnist, digits) are encoded to PNG; the bytes are lossless at any level."""
+    """zlib level for raw pixels (fashion-mnist, digits) encoded to PNG; lossless at any level."""
 
 
 class PretrainConfig(Section):
@@ -154,7 +154,7 @@ class LaunchConfig(Section):
     node_rank: int | None = Field(None, ge=0)
     """This node's index in the hostfile (0 = the node of rank 0); required with no_ssh."""
     nnodes: int | None = Field(None, gt=0)
-    """Nodes to use: the first nnodes hosts of the hostfile (None: all), or the nodes Slurm allocates (None: 1)."""
+    """Nodes to use: the hostfile's first nnodes hosts (None: all), or the nodes Slurm allocates (None: 1)."""
     ssh_port: int | None = Field(None, gt=0, lt=65536)
     """Port of sshd on the hosts (hostfile mode with pdsh); None uses ssh's default or ssh_config."""
     ssh_options: list[str] = Field(default_factory=list)

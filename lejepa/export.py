@@ -20,7 +20,7 @@ from lejepa.model import create_backbone
 from lejepa.storage import Storage
 from lejepa.views import eval_view
 
-WEIGHTS, DESCRIPTION = "encoder.safetensors", "encoder.json"
+WEIGHTS, DESCRIPTION, PROJECTOR = "encoder.safetensors", "encoder.json", "projector.safetensors"
 
 
 class FrozenEncoder(nn.Module):
@@ -49,7 +49,9 @@ def encoder_description(
     embed_dim: int,
     mean: list[float],
     std: list[float],
+    projector: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """What `load_encoder` needs to rebuild the backbone; `projector` holds the projector's dimensions."""
     return {
         "format": "lejepa-encoder/1",
         "backbone": backbone,
@@ -60,21 +62,35 @@ def encoder_description(
         "embed_dim": embed_dim,
         "mean": list(mean),
         "std": list(std),
+        **({"projector": projector} if projector else {}),
     }
+
+
+def _save_safetensors(module: nn.Module, storage: Storage, url: str) -> None:
+    state = {
+        name: t.detach().to("cpu", torch.float32).contiguous() for name, t in module.state_dict().items()
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "weights.safetensors"
+        save_file(state, str(local), metadata={"format": "pt"})
+        storage.put_file(local, url)
 
 
 def export_encoder(
-    backbone: nn.Module, description: dict[str, Any], storage: Storage, folder_url: str
+    backbone: nn.Module,
+    description: dict[str, Any],
+    storage: Storage,
+    folder_url: str,
+    projector: nn.Module | None = None,
 ) -> str:
-    """Write `encoder.safetensors` then `encoder.json` under `folder_url`; returns the JSON's URL."""
-    state = {
-        name: tensor.detach().to("cpu", torch.float32).contiguous()
-        for name, tensor in backbone.state_dict().items()
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / WEIGHTS
-        save_file(state, str(local), metadata={"format": "pt"})
-        storage.put_file(local, f"{folder_url}/{WEIGHTS}")
+    """Write `encoder.safetensors` (and `projector.safetensors`), then `encoder.json`; returns the JSON's URL.
+
+    The projector is kept for the label-free diagnostics (the LeJEPA loss of held-out data); embeddings
+    for downstream use come from the backbone alone.
+    """
+    _save_safetensors(backbone, storage, f"{folder_url}/{WEIGHTS}")
+    if projector is not None:
+        _save_safetensors(projector, storage, f"{folder_url}/{PROJECTOR}")
     # The description goes last: its presence says the weights beside it are complete.
     storage.write_json(f"{folder_url}/{DESCRIPTION}", description)
     return f"{folder_url}/{DESCRIPTION}"

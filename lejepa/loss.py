@@ -8,11 +8,10 @@ total       = (1 - lamb) * prediction + lamb * sigreg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from torch import Tensor
-
-from lejepa.sigreg import SIGReg
 
 
 class LeJEPALoss(NamedTuple):
@@ -21,10 +20,13 @@ class LeJEPALoss(NamedTuple):
     sigreg: Tensor
 
 
-def lejepa_loss(projections: Tensor, num_global: int, sigreg: SIGReg, lamb: float = 0.05) -> LeJEPALoss:
+def lejepa_loss(
+    projections: Tensor, num_global: int, sigreg: Callable[[Tensor], Tensor], lamb: float = 0.05
+) -> LeJEPALoss:
     """LeJEPA loss of `projections` (V, N, P) whose first `num_global` views are the global ones.
 
-    `lamb` is the method's single trade-off hyperparameter (0.05 in the paper).
+    `sigreg` maps (V, N, P) to the view-averaged statistic (a `lejepa.sigreg.SIGReg`). `lamb` is the
+    method's single trade-off hyperparameter (0.05 in the paper).
     """
     if projections.dim() != 3:
         raise ValueError(f"projections must be (views, batch, dim), got shape {tuple(projections.shape)}")
@@ -37,5 +39,3 @@ def lejepa_loss(projections: Tensor, num_global: int, sigreg: SIGReg, lamb: floa
     total = (1.0 - lamb) * prediction + lamb * regulariser
     return LeJEPALoss(total, prediction, regulariser)
 
-
-__all__ = ["LeJEPALoss", "lejepa_loss"]

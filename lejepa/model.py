@@ -3,6 +3,7 @@
 `Encoder("resnet18", in_chans=1)` and `Encoder("vit_tiny_patch16_224", img_size=32, patch_size=4)` take the
 same arguments, as timm's `create_model` does. `forward_views` runs the global and the local views (which
 have different sizes) through the backbone one group at a time and through the projector all together.
+`create_backbone` builds the backbone alone, which is what an exported encoder is rebuilt from.
 """
 
 from __future__ import annotations
@@ -13,25 +14,6 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 
 from lejepa.config import ModelConfig
-
-
-def _create_backbone(name: str, in_chans: int, img_size: int | None, **kwargs: object) -> nn.Module:
-    # ViT-like models fix their position embeddings at construction: give them the global view size and
-    # let them resample for the smaller local views. ConvNets reject these arguments, so drop them one
-    # by one when timm says so, rather than keeping a list of model families here.
-    size_kwargs: dict[str, object] = {}
-    if img_size is not None:
-        size_kwargs = {"img_size": img_size, "dynamic_img_size": True}
-    while True:
-        try:
-            return timm.create_model(
-                name, pretrained=False, num_classes=0, in_chans=in_chans, **{**size_kwargs, **kwargs}
-            )
-        except TypeError as exc:
-            rejected = [key for key in size_kwargs if f"'{key}'" in str(exc) and key not in kwargs]
-            if not rejected:
-                raise
-            del size_kwargs[rejected[0]]
 
 
 def _adapt_stem_to_small_input(backbone: nn.Module, name: str) -> None:
@@ -60,8 +42,37 @@ def _adapt_stem_to_small_input(backbone: nn.Module, name: str) -> None:
         )
 
 
+def create_backbone(
+    name: str, in_chans: int = 1, img_size: int | None = None, small_input: bool = False, **kwargs: object
+) -> nn.Module:
+    """A timm model without its classifier: images (B, C, H, W) -> pooled features (B, num_features).
+
+    The encoder's backbone, and what an exported encoder is rebuilt from; arguments as for `Encoder`.
+    """
+    # ViT-like models fix their position embeddings at construction: give them the global view size and
+    # let them resample for the smaller local views. ConvNets reject these arguments, so drop them one
+    # by one when timm says so, rather than keeping a list of model families here.
+    size_kwargs: dict[str, object] = {}
+    if img_size is not None:
+        size_kwargs = {"img_size": img_size, "dynamic_img_size": True}
+    while True:
+        try:
+            backbone = timm.create_model(
+                name, pretrained=False, num_classes=0, in_chans=in_chans, **{**size_kwargs, **kwargs}
+            )
+            break
+        except TypeError as exc:
+            rejected = [key for key in size_kwargs if f"'{key}'" in str(exc) and key not in kwargs]
+            if not rejected:
+                raise
+            del size_kwargs[rejected[0]]
+    if small_input:
+        _adapt_stem_to_small_input(backbone, name)
+    return backbone
+
+
 def _projector(embed_dim: int, hidden_dim: int, out_dim: int, layers: int) -> nn.Sequential:
-    # As in the LeJEPA reference: (layers - 1) Linear-BN blocks to hidden_dim, then a plain Linear.
+    # As in the LeJEPA reference: (layers - 1) Linear-BN-GELU blocks to hidden_dim, then a plain Linear.
     blocks: list[nn.Module] = []
     dim = embed_dim
     for _ in range(layers - 1):
@@ -96,9 +107,7 @@ class Encoder(nn.Module):
         **backbone_kwargs: object,
     ) -> None:
         super().__init__()
-        self.backbone = _create_backbone(backbone, in_chans, img_size, **backbone_kwargs)
-        if small_input:
-            _adapt_stem_to_small_input(self.backbone, backbone)
+        self.backbone = create_backbone(backbone, in_chans, img_size, small_input, **backbone_kwargs)
         self.embed_dim: int = self.backbone.num_features
         self.proj_dim = proj_dim
         self.projector = _projector(self.embed_dim, proj_hidden_dim, proj_dim, proj_layers)

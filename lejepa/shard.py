@@ -23,9 +23,9 @@ import multiprocessing
 import os
 import posixpath
 import signal
+import struct
 import subprocess
 import sys
-import struct
 import time
 import zlib
 from collections import Counter
@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 import lejepa
 from lejepa.config import ConfigError, PipelineConfig, load_config
@@ -118,15 +118,40 @@ class ShardManifest(BaseModel):
 
     def shards_for(self, split: str) -> list[ShardEntry]:
         if split not in self.splits:
-            raise DataError(f"dataset {self.name}/{self.version} has no split '{split}' (has {list(self.splits)})")
+            raise DataError(
+                f"dataset {self.name}/{self.version} has no split '{split}' (has {list(self.splits)})"
+            )
         return [s for s in self.shards if s.split == split]
 
-    def num_samples(self, split: str) -> int:
-        return self.splits[split].num_samples if split in self.splits else 0
+    # Shortcuts for the training and evaluation stages.
+    @property
+    def num_samples(self) -> dict[str, int]:
+        return {split: info.num_samples for split, info in self.splits.items()}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.class_names or [])
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names or [])
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.image.channels
+
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images the loaders yield; the longer side if they are not square."""
+        return max(self.image.size)
+
+    @property
+    def mean(self) -> list[float]:
+        return self.image.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.image.std
 
 
 class ShardSummary(BaseModel):
@@ -201,7 +226,9 @@ def _rank(seed: int, item_id: str) -> bytes:
     return hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
 
 
-def _assign_splits(items: list[Item], cfg: PipelineConfig, sequential: bool) -> dict[str, list[tuple[int, Item]]]:
+def _assign_splits(
+    items: list[Item], cfg: PipelineConfig, sequential: bool
+) -> dict[str, list[tuple[int, Item]]]:
     d = cfg.data
     numbered = list(enumerate(items))
     has_test = any(it.split == "test" for it in items)
@@ -223,13 +250,29 @@ def _assign_splits(items: list[Item], cfg: PipelineConfig, sequential: bool) -> 
     return {s: m for s, m in out.items() if m}
 
 
-def plan_shards(cfg: PipelineConfig, storage: Storage | None = None, source: Source | None = None) -> ShardPlan:
-    """Fingerprint and list the source, assign splits, and cut the samples into shard groups."""
+def _version(cfg: PipelineConfig, fingerprint: str) -> str:
+    blob = json.dumps([fingerprint, _params(cfg)], sort_keys=True).encode()
+    return "v-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _manifest_url(storage: Storage, cfg: PipelineConfig, version: str) -> str:
+    return storage.url("datasets", cfg.data.name or cfg.data.source, version, "manifest.json")
+
+
+def plan_shards(
+    cfg: PipelineConfig,
+    storage: Storage | None = None,
+    source: Source | None = None,
+    fingerprint: str | None = None,
+) -> ShardPlan:
+    """Fingerprint and list the source, assign splits, and cut the samples into shard groups.
+
+    Deterministic: every call with the same config and source gives the same groups, so a task runner
+    can plan once per task and write only its own group.
+    """
     storage = storage or Storage.from_config(cfg.storage)
     source = source or open_source(cfg.data, storage)
-    params = _params(cfg)
-    fingerprint = source.fingerprint()
-    version = "v-" + hashlib.sha256(json.dumps([fingerprint, params], sort_keys=True).encode()).hexdigest()[:12]
+    fingerprint = fingerprint or source.fingerprint()
     items, rejects = source.items()
     if not items:
         where = getattr(getattr(source, "storage", None), "root", source.kind)
@@ -239,11 +282,11 @@ def plan_shards(cfg: PipelineConfig, storage: Storage | None = None, source: Sou
     for split, members in _assign_splits(items, cfg, source.sequential).items():
         groups += [ShardGroup(split, i // n, members[i : i + n]) for i in range(0, len(members), n)]
     return ShardPlan(
-        name=cfg.data.name or source.kind,
-        version=version,
+        name=cfg.data.name or cfg.data.source,
+        version=_version(cfg, fingerprint),
         storage=storage,
         source=source,
-        params=params,
+        params=_params(cfg),
         fingerprint=fingerprint,
         groups=groups,
         class_names=source.class_names(),
@@ -251,9 +294,24 @@ def plan_shards(cfg: PipelineConfig, storage: Storage | None = None, source: Sou
     )
 
 
-def manifest_url_for(cfg: PipelineConfig) -> str:
-    """Where the manifest of `cfg`'s dataset lives (fingerprints the source, so it is exact, not `latest`)."""
-    return plan_shards(cfg).manifest_url
+def manifest_url_for(cfg: PipelineConfig, storage: Storage | None = None) -> str:
+    """Where the manifest of exactly `cfg`'s dataset lives (fingerprints the source; lists no samples)."""
+    storage = storage or Storage.from_config(cfg.storage)
+    return _manifest_url(storage, cfg, _version(cfg, open_source(cfg.data, storage).fingerprint()))
+
+
+def locate_manifest(cfg: PipelineConfig, storage: Storage | None = None) -> str:
+    """The manifest a later stage should read: `cfg`'s exact dataset when its source is reachable here and
+    sharded, else the latest one committed under the dataset's name (training nodes may lack the source).
+    """
+    storage = storage or Storage.from_config(cfg.storage)
+    try:
+        url = manifest_url_for(cfg, storage)
+        if storage.exists(url):
+            return url
+    except DataError:
+        pass
+    return latest_manifest_url(storage, cfg.data.name or cfg.data.source)
 
 
 def latest_manifest_url(storage: Storage, name: str) -> str:
@@ -327,8 +385,11 @@ def _encode_png(pixels: np.ndarray, level: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -422,7 +483,7 @@ def _image_stats(cfg: PipelineConfig, plan: ShardPlan, results: Sequence[GroupRe
     sizes, modes = Counter(), Counter()
     train_sizes = Counter()
     sums: dict[int, np.ndarray] = {}
-    for group, r in zip(plan.groups, results):
+    for group, r in zip(plan.groups, results, strict=True):
         sizes += r.sizes
         modes += r.modes
         if group.split == "train" or not any(g.split == "train" for g in plan.groups):
@@ -485,8 +546,14 @@ def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResu
 
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
     results: list[GroupResult | None] = [None] * len(plan.groups)
-    bar = tqdm(total=plan.num_items, unit="img", unit_scale=True, desc=f"shard {plan.name}",
-               file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=plan.num_items,
+        unit="img",
+        unit_scale=True,
+        desc=f"shard {plan.name}",
+        file=sys.stderr,
+        disable=not progress,
+    )
     done = 0
 
     def finished(index: int, result: GroupResult) -> None:
@@ -504,7 +571,9 @@ def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResu
         else:
             # spawn: s3fs keeps threads and sockets that a forked child must not inherit.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)) as pool:
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)
+            ) as pool:
                 for future in as_completed([pool.submit(_run_in_worker, i) for i in range(len(plan.groups))]):
                     finished(*future.result())
     return results  # type: ignore[return-value]
@@ -515,11 +584,14 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
     start = time.perf_counter()
     storage = Storage.from_config(cfg.storage)
     storage.check(write=True)
-    plan = plan_shards(cfg, storage)
-    if storage.exists(plan.manifest_url):
-        if not force:
-            return _summary(ShardManifest.load(storage, plan.manifest_url), up_to_date=True)
-        storage.rm(plan.manifest_url)  # uncommit first: a crash during the rebuild must not expose it
+    source = open_source(cfg.data, storage)
+    fingerprint = source.fingerprint()
+    manifest_url = _manifest_url(storage, cfg, _version(cfg, fingerprint))
+    if storage.exists(manifest_url):
+        if not force:  # up to date: decided before listing a single sample
+            return _summary(ShardManifest.load(storage, manifest_url), up_to_date=True)
+        storage.rm(manifest_url)  # uncommit first: a crash during the rebuild must not expose it
+    plan = plan_shards(cfg, storage, source, fingerprint)
     for stale in storage.ls(plan.dataset_url):  # temporary files of a killed run
         if posixpath.basename(stale).startswith(TMP_PREFIX):
             storage.rm(stale)
@@ -531,8 +603,10 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
     rejected += [x for r in results for x in r.rejected]
     if not shards:
         first = f" (first: {rejected[0].id}: {rejected[0].reason})" if rejected else ""
-        raise DataError(f"{plan.source.kind}: no valid images in {cfg.data.path or plan.source.kind}"
-                        f", {len(rejected)} rejected{first}")
+        raise DataError(
+            f"{plan.source.kind}: no valid images in {cfg.data.path or plan.source.kind}"
+            f", {len(rejected)} rejected{first}"
+        )
     splits = {}
     for split in SPLITS:
         mine = [s for s in shards if s.split == split]
@@ -554,10 +628,15 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
     )
     storage.write_json(plan.manifest_url, manifest.model_dump(mode="json"))
     storage.write_json(
-        storage.url("datasets", plan.name, "latest.json"), {"version": plan.version, "manifest": plan.manifest_url}
+        storage.url("datasets", plan.name, "latest.json"),
+        {"version": plan.version, "manifest": plan.manifest_url},
     )
-    return _summary(manifest, up_to_date=False, seconds=time.perf_counter() - start,
-                    images=sum(s.num_samples for s in shards))
+    return _summary(
+        manifest,
+        up_to_date=False,
+        seconds=time.perf_counter() - start,
+        images=sum(s.num_samples for s in shards),
+    )
 
 
 run_shard = write_shards
@@ -570,8 +649,14 @@ def cli(argv: list[str] | None = None) -> int:
     """`lejepa-pipeline shard --config FILE [--set key=value ...] [--force]`; the last line is JSON."""
     parser = argparse.ArgumentParser(prog="lejepa-pipeline shard", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (defaults apply when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set data.source=digits (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.source=digits (repeatable)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the dataset is up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)

@@ -26,7 +26,16 @@ from lejepa.storage import Storage
 
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
@@ -110,8 +119,8 @@ class FashionMNIST(Source):
         self.limit = limit
         if not os.path.isdir(self.path):
             raise DataError(
-                f"fashion-mnist: {self.path} does not exist: install the Debian package dataset-fashion-mnist "
-                "or set data.path to the folder with the IDX files"
+                f"fashion-mnist: {self.path} does not exist: install the Debian package "
+                "dataset-fashion-mnist or set data.path to the folder with the IDX files"
             )
 
     def _file(self, split: str, what: str) -> str:
@@ -197,14 +206,18 @@ class ImageFolder(Source):
         self.storage = storage
         self.limit = limit
         if not storage.exists(storage.root):
-            raise DataError(f"imagefolder: {storage.root} does not exist: set data.path to a folder of images")
+            raise DataError(
+                f"imagefolder: {storage.root} does not exist: set data.path to a folder of images"
+            )
         self._files = {
             url: info
             for url, info in storage.find(storage.root).items()
             if not posixpath.basename(url).startswith(".")
         }
         if not self._files:
-            raise DataError(f"imagefolder: no files in {storage.root}: put images in <class>/ folders under it")
+            raise DataError(
+                f"imagefolder: no files in {storage.root}: put images in <class>/ folders under it"
+            )
         rel = [self._rel(url) for url in self._files]
         self._classes = sorted({r.split("/")[0] for r in rel if "/" in r})
 
@@ -309,7 +322,9 @@ class WebDatasetSource(Source):
                         if image_member(sample) is None:
                             rejected.append(Rejection(sid, f"no image member (has {sorted(sample)})"))
                             continue
-                        label = int(sample["cls"]) if "cls" in sample and sample["cls"].strip().isdigit() else -1
+                        label = (
+                            int(sample["cls"]) if "cls" in sample and sample["cls"].strip().isdigit() else -1
+                        )
                         items.append(Item(sid, "train", label, (tar_url, key)))
             except (tarfile.TarError, EOFError, OSError) as exc:
                 rejected.append(Rejection(tar_url, f"unreadable tar after {len(items)} samples: {exc}"))

@@ -175,7 +175,9 @@ class Storage:
         path = self._path(url)
         if self.protocol == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+            tmp = os.path.join(
+                os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
+            )
             try:
                 with open(tmp, "wb") as f:
                     yield f
@@ -244,6 +246,11 @@ class Storage:
                 raise
             raise StorageError(f"cannot reach {self.endpoint} for {url}: {exc}") from None
         except Exception as exc:  # botocore raises its own types for missing credentials and bad endpoints
+            if type(exc).__name__ == "NoCredentialsError":
+                raise StorageError(
+                    f"no S3 credentials for {url}: set storage.access_key_id/secret_access_key, "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+                ) from None
             if type(exc).__name__ == "EndpointConnectionError":
                 raise StorageError(
                     f"cannot connect to S3 endpoint {self.endpoint}: start it or fix storage.endpoint_url"

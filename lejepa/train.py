@@ -415,11 +415,16 @@ def _export(
         encoder.embed_dim,
         views.mean.tolist(),
         views.std.tolist(),
+        projector={
+            "proj_dim": cfg.model.proj_dim,
+            "proj_hidden_dim": cfg.model.proj_hidden_dim,
+            "proj_layers": cfg.model.proj_layers,
+        },
     )
-    params = list(encoder.backbone.parameters())
+    params = list(encoder.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_partition_weights()):
         if rank == 0:
-            export_encoder(encoder.backbone, description, storage, run_url)
+            export_encoder(encoder.backbone, description, storage, run_url, projector=encoder.projector)
     dist.barrier()
     return f"{run_url}/{DESCRIPTION}"
 

@@ -46,7 +46,7 @@ def _bernoulli(
     return torch.rand(n, generator=generator, device=device) < p
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def _to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images in 0-255 or float images in [0, 1] -> float32 in [0, 1]."""
     if images.dtype == torch.uint8:
         return images.float().div_(255)
@@ -231,7 +231,7 @@ class MultiCropViews(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images (B, {self.channels}, H, W), got {tuple(images.shape)}")
-        x = to_float(images)
+        x = _to_float(images)
         global_solarize_p = torch.full((self.global_views,), SOLARIZE_P)
         global_solarize_p[0] = 0.0
         global_views = self._views(
@@ -280,7 +280,7 @@ def eval_view(
     Images are uint8 (B, C, H, W) or float in [0, 1]; mean/std default to 0.5 per channel, as in
     MultiCropViews, and must match the ones used in training.
     """
-    x = to_float(images)
+    x = _to_float(images)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     channels = x.shape[1]

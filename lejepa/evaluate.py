@@ -1,0 +1,387 @@
+"""Evaluate stage: how good is the run's encoder, next to baselines computed in the same run on the same splits.
+
+1. Frozen features of the train and test splits (batched, no augmentation) for our encoder, the same
+   architecture at random initialisation (seeded), and the raw pixels. They are cached in
+   `{run}/eval/features-{split}-{key}.safetensors`, keyed by a fingerprint of the encoder weights' sha256,
+   the manifest and the split, so a retry reads them back instead of recomputing.
+2. Linear probe and kNN top-1 on the test split (`lejepa.probes`), for every feature set that has labels:
+   "logistic regression on raw pixels" is the same linear probe on standardised, flattened pixels.
+3. Label-free diagnostics on held-out (test) images: RankMe and the SIGReg statistic of the embeddings,
+   and, when the run exported its projector, the LeJEPA loss and its parts on multi-crop views.
+4. `metrics.json`, `evaluation.png` and `evaluation.md` in the run folder; the summary is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.data import eval_loader
+from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS, FrozenEncoder, load_encoder
+from lejepa.loss import lejepa_loss
+from lejepa.model import Encoder, create_backbone
+from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
+from lejepa.report import FIGURE, REPORT, write_figure, write_report
+from lejepa.shard import ShardManifest, manifest_url_for
+from lejepa.sigreg import SIGReg
+from lejepa.sources import DataError
+from lejepa.storage import Storage, StorageError
+from lejepa.views import MultiCropViews
+
+METRICS = "metrics.json"
+FEATURES_FORMAT = 1
+ENCODER, RANDOM_INIT, RAW_PIXELS = "encoder", "random_init", "raw_pixels"
+
+
+class EvaluationError(RuntimeError):
+    """Something evaluation needs is missing (no exported encoder, no such split); the message says what."""
+
+
+@dataclass
+class EvalSummary:
+    metrics: str
+    """URL of metrics.json."""
+    linear_probe_top1: float | None
+    knn_top1: float | None
+    baselines: dict[str, float | None]
+    """Baseline name -> linear-probe top-1 (None when the data is unlabelled)."""
+    report: str = ""
+    figure: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# -- features ----------------------------------------------------------------------------------------------
+
+
+def sha256_of(storage: Storage, url: str) -> str:
+    """The sha256 of a stored file, streamed."""
+    digest = hashlib.sha256()
+    with storage.open(url, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pixel_features(images: Tensor, max_side: int) -> Tensor:
+    """Flattened uint8 pixels, area-downsampled first when the images are larger than `max_side`."""
+    if max(images.shape[-2:]) > max_side:
+        small = F.interpolate(images.float(), size=(max_side, max_side), mode="area")
+        images = small.round().clamp(0, 255).to(torch.uint8)
+    return images.flatten(1)
+
+
+def extract_features(
+    extractors: dict[str, Callable[[Tensor], Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    total: int | None = None,
+    desc: str = "features",
+) -> dict[str, Tensor]:
+    """Run every extractor on each batch of (uint8 images, labels): {name: (N, D)} plus "labels" (N,)."""
+    parts: dict[str, list[Tensor]] = {name: [] for name in [*extractors, "labels"]}
+    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", file=sys.stderr) as bar:
+        for images, labels in batches:
+            for name, extract in extractors.items():
+                parts[name].append(extract(images))
+            parts["labels"].append(labels.long())
+            bar.update(len(labels))
+    return {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
+
+
+def cached_features(
+    storage: Storage, url: str, compute: Callable[[], dict[str, Tensor]]
+) -> tuple[dict[str, Tensor], bool]:
+    """The tensors stored at `url` (safetensors), or `compute()`'s, written there first; (tensors, hit)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "features.safetensors"
+        if storage.exists(url):
+            storage.get_file(url, local)
+            return load_file(str(local)), True
+        tensors = {name: t.contiguous() for name, t in compute().items()}
+        save_file(tensors, str(local), metadata={"format": str(FEATURES_FORMAT)})
+        storage.put_file(local, url)
+        return tensors, False
+
+
+# -- diagnostics --------------------------------------------------------------------------------------
+
+
+def _full_encoder(frozen: FrozenEncoder, projector_state: dict[str, Tensor] | None) -> Encoder:
+    """Backbone + projector with the exported weights (the projector random when there is none)."""
+    d, p = frozen.description, frozen.description["projector"]
+    encoder = Encoder(
+        d["backbone"],
+        in_chans=d["in_chans"],
+        img_size=d["img_size"],
+        proj_dim=p["proj_dim"],
+        proj_hidden_dim=p["proj_hidden_dim"],
+        proj_layers=p["proj_layers"],
+        small_input=d["small_input"],
+        **d["backbone_kwargs"],
+    )
+    encoder.backbone.load_state_dict(frozen.backbone.state_dict())
+    if projector_state is not None:
+        encoder.projector.load_state_dict(projector_state)
+    return encoder.eval()
+
+
+def heldout_lejepa_loss(
+    encoder: Encoder, images: Tensor, views: MultiCropViews, cfg: PipelineConfig, batch_size: int
+) -> dict[str, float]:
+    """The LeJEPA loss (and its parts) of held-out images under the training views, seeded, averaged over
+    batches of the training batch size (SIGReg's value depends on the batch size)."""
+    sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sums = torch.zeros(3, dtype=torch.float64)
+    batches = images.split(batch_size)
+    with torch.no_grad():
+        for batch in batches:
+            global_views, local_views = views(batch, generator)
+            _, projections = encoder.forward_views(global_views, local_views)
+            loss = lejepa_loss(projections, global_views.shape[0], sigreg, cfg.loss.lamb)
+            sums += torch.tensor([loss.total.item(), loss.prediction.item(), loss.sigreg.item()])
+    total, prediction, regulariser = (sums / len(batches)).tolist()
+    return {"lejepa_loss": total, "lejepa_prediction": prediction, "lejepa_sigreg": regulariser}
+
+
+def embedding_diagnostics(embeddings: Tensor, cfg: PipelineConfig) -> dict[str, float]:
+    return {
+        "rankme": effective_rank(embeddings),
+        "sigreg": sigreg_statistic(embeddings, cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, cfg.seed),
+    }
+
+
+# -- probes ---------------------------------------------------------------------------------------------
+
+
+def probe_scores(
+    train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, num_classes: int, cfg: PipelineConfig
+) -> dict[str, float]:
+    """Linear-probe and kNN top-1 on the labelled samples of the test split."""
+    e = cfg.evaluate
+    keep_train, keep_test = train_labels >= 0, test_labels >= 0
+    train, train_labels = train[keep_train].float(), train_labels[keep_train]
+    test, test_labels = test[keep_test].float(), test_labels[keep_test]
+    linear = linear_probe(
+        train,
+        train_labels,
+        test,
+        num_classes,
+        epochs=e.probe_epochs,
+        batch_size=e.probe_batch_size,
+        lr=e.probe_lr,
+        weight_decay=e.probe_weight_decay,
+        warmup_fraction=e.probe_warmup_fraction,
+        seed=cfg.seed,
+    )
+    knn = knn_classify(train, train_labels, test, num_classes, k=e.knn_k, temperature=e.knn_temperature)
+    return {"linear_probe_top1": top1(linear, test_labels), "knn_top1": top1(knn, test_labels)}
+
+
+def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    mean, std = train.float().mean(0), train.float().std(0).clamp(min=1e-6)
+    return (train.float() - mean) / std, (test.float() - mean) / std
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+
+
+def _manifest(cfg: PipelineConfig, storage: Storage) -> ShardManifest:
+    return ShardManifest.load(storage, manifest_url_for(cfg))
+
+
+def _test_split(cfg: PipelineConfig, manifest: ShardManifest) -> str:
+    split = cfg.evaluate.test_split or ("test" if "test" in manifest.splits else "val")
+    for name, value in (("train_split", cfg.evaluate.train_split), ("test_split", split)):
+        if value not in manifest.splits:
+            raise EvaluationError(
+                f"evaluate.{name}: dataset {manifest.name}/{manifest.version} has no split '{value}' "
+                f"(has {sorted(manifest.splits)})"
+            )
+    return split
+
+
+def _read_history(storage: Storage, run_url: str) -> list[dict[str, Any]]:
+    url = f"{run_url}/metrics.jsonl"
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
+
+
+def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
+    """Evaluate `{root}/runs/{pretrain.run_name}`'s encoder with its baselines; write metrics, figure, report."""
+    e = cfg.evaluate
+    started = time.perf_counter()
+    storage = Storage.from_config(cfg.storage)
+    run_url = storage.url("runs", cfg.pretrain.run_name)
+    if not storage.exists(f"{run_url}/{DESCRIPTION}"):
+        raise EvaluationError(
+            f"no exported encoder in {run_url}: run `lejepa-pipeline pretrain` with pretrain.run_name="
+            f"{cfg.pretrain.run_name} first"
+        )
+    manifest = _manifest(cfg, storage)
+    test_split = _test_split(cfg, manifest)
+    splits = {"train": e.train_split, "test": test_split}
+
+    encoder = load_encoder(run_url, storage)
+    description = encoder.description
+    weights_sha256 = sha256_of(storage, f"{run_url}/{WEIGHTS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        random_backbone = create_backbone(
+            description["backbone"],
+            in_chans=description["in_chans"],
+            img_size=description["img_size"],
+            small_input=description["small_input"],
+            **description["backbone_kwargs"],
+        )
+    random_encoder = FrozenEncoder(random_backbone, description)
+    extractors: dict[str, Callable[[Tensor], Tensor]] = {ENCODER: encoder}
+    if e.baselines:
+        extractors[RANDOM_INIT] = random_encoder
+        extractors[RAW_PIXELS] = lambda images: pixel_features(images, e.pixel_size)
+
+    features: dict[str, dict[str, Tensor]] = {}
+    notes: list[str] = []
+    for role, split in splits.items():
+        key = hashlib.sha256(
+            json.dumps(
+                [FEATURES_FORMAT, weights_sha256, manifest.url, manifest.version, split, sorted(extractors),
+                 cfg.seed, e.pixel_size]
+            ).encode()
+        ).hexdigest()[:16]
+        url = f"{run_url}/eval/features-{split}-{key}.safetensors"
+
+        def compute(split: str = split) -> dict[str, Tensor]:
+            batches = eval_loader(manifest, storage, split, batch_size=e.batch_size, num_workers=e.num_workers)
+            return extract_features(extractors, batches, manifest.num_samples(split), f"features {split}")
+
+        features[role], hit = cached_features(storage, url, compute)
+        if hit:
+            notes.append(f"{split} features read from the cache {url}")
+
+    labelled = bool(manifest.class_names) and bool((features["train"]["labels"] >= 0).any()) and bool(
+        (features["test"]["labels"] >= 0).any()
+    )
+    num_classes = len(manifest.class_names or [])
+    results: dict[str, dict[str, Any]] = {}
+    for name in extractors:
+        train, test = features["train"][name], features["test"][name]
+        if name == RAW_PIXELS:
+            train, test = _standardised(train, test)
+        scores: dict[str, Any] = {}
+        if labelled:
+            scores.update(
+                probe_scores(train, features["train"]["labels"], test, features["test"]["labels"], num_classes, cfg)
+            )
+        if name != RAW_PIXELS:
+            scores.update(embedding_diagnostics(test[: e.diagnostic_samples], cfg))
+        results[name] = scores
+    if not labelled:
+        notes.append("unlabelled data: linear probe and kNN skipped; the label-free diagnostics still ran")
+
+    projector_url = f"{run_url}/{PROJECTOR}"
+    if "projector" in description and storage.exists(projector_url):
+        heldout = _first_images(manifest, storage, test_split, e.diagnostic_samples, e.batch_size)
+        views = MultiCropViews.from_config(
+            cfg.views, manifest.image.size[0], description["in_chans"], description["mean"], description["std"]
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.get_file(projector_url, Path(tmp) / PROJECTOR)
+            projector_state = load_file(str(Path(tmp) / PROJECTOR))
+        models = {ENCODER: _full_encoder(encoder, projector_state)}
+        if e.baselines:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                models[RANDOM_INIT] = _full_encoder(random_encoder, None)
+        for name, model in models.items():
+            results[name].update(heldout_lejepa_loss(model, heldout, views, cfg, cfg.pretrain.batch_size))
+    else:
+        notes.append(f"LeJEPA loss diagnostic skipped: the run has no {PROJECTOR} (exported before projectors were)")
+
+    ours = results[ENCODER]
+    metrics = {
+        "run": run_url,
+        "encoder": {"url": run_url, "sha256": weights_sha256, "description": description},
+        "dataset": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "manifest": manifest.url,
+            "fingerprint": manifest.source.get("fingerprint"),
+            "splits": {role: {"split": s, "num_samples": manifest.num_samples(s)} for role, s in splits.items()},
+            "num_classes": num_classes,
+        },
+        "linear_probe_top1": ours.get("linear_probe_top1"),
+        "knn_top1": ours.get("knn_top1"),
+        "diagnostics": {k: v for k, v in ours.items() if k not in ("linear_probe_top1", "knn_top1")},
+        "models": results,
+        "protocol": {
+            "linear_probe": (
+                f"LayerNorm + Linear, AdamW (weight decay {e.probe_weight_decay}), lr {e.probe_lr}, "
+                f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, warm-up {e.probe_warmup_fraction} + cosine"
+            ),
+            "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
+            "raw_pixels": "the same linear probe on standardised, flattened pixels (logistic regression)",
+            "diagnostics": f"first {e.diagnostic_samples} samples of the {test_split} split",
+        },
+        "config": redacted(cfg),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    figure_url, report_url = f"{run_url}/{FIGURE}", f"{run_url}/{REPORT}"
+    history = _read_history(storage, run_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_figure(history, metrics, Path(tmp) / FIGURE)
+        storage.put_file(Path(tmp) / FIGURE, figure_url)
+    storage.write_bytes(report_url, write_report(metrics, FIGURE).encode())
+    storage.write_json(f"{run_url}/{METRICS}", metrics)
+    return EvalSummary(
+        metrics=f"{run_url}/{METRICS}",
+        linear_probe_top1=metrics["linear_probe_top1"],
+        knn_top1=metrics["knn_top1"],
+        baselines={name: results[name].get("linear_probe_top1") for name in results if name != ENCODER},
+        report=report_url,
+        figure=figure_url,
+        notes=notes,
+    )
+
+
+def _first_images(manifest: ShardManifest, storage: Storage, split: str, n: int, batch_size: int) -> Tensor:
+    images: list[Tensor] = []
+    for batch, _ in eval_loader(manifest, storage, split, batch_size=batch_size):
+        images.append(batch)
+        if sum(len(b) for b in images) >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lejepa-pipeline evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_evaluate(load_config(args.config, args.set))
+    except (ConfigError, StorageError, DataError, EvaluationError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps(asdict(summary)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

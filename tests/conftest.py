@@ -1,0 +1,120 @@
+"""Shared fixtures: a real S3 endpoint (moto_server on a free loopback port) and small image folders."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(
+        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # poll until it answers HTTP (any status counts)
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.05)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """An S3-compatible endpoint that accepts any credentials."""
+    yield from _start_moto()
+
+
+@pytest.fixture(scope="session")
+def moto_auth_endpoint() -> Iterator[str]:
+    """An S3 endpoint that checks credentials (and so refuses every key it has not issued)."""
+    yield from _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str) -> str:
+    """The standard AWS variables pointing at moto; returns the endpoint."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return moto_endpoint
+
+
+@pytest.fixture
+def bucket(aws_env: str) -> str:
+    """A fresh, empty bucket on the moto endpoint."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def unique_image(index: int, size: tuple[int, int] = (8, 8), mode: str = "L") -> Image.Image:
+    """An image whose first pixels spell `index`, so every sample can be recognised after decoding."""
+    rng = np.random.default_rng(index)
+    shape = size[::-1] + ((3,) if mode == "RGB" else ())
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    flat = pixels.reshape(-1)
+    flat[:2] = (index // 256, index % 256)
+    return Image.fromarray(pixels)
+
+
+def image_key(image: np.ndarray) -> int:
+    """Inverse of unique_image for a decoded uint8 (C, H, W) image of the same size."""
+    flat = np.asarray(image).transpose(1, 2, 0).reshape(-1)
+    return int(flat[0]) * 256 + int(flat[1])
+
+
+def make_imagefolder(root: Path, per_class: int = 40, classes: int = 3, fmt: str = "PNG") -> Path:
+    """root/class_k/img_i.png with unique, recognisable 8x8 grey images; returns root."""
+    n = 0
+    for k in range(classes):
+        folder = root / f"class_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(per_class):
+            unique_image(n).save(folder / f"img_{n:04d}.{fmt.lower()}", format=fmt)
+            n += 1
+    return root
