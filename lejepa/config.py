@@ -182,6 +182,40 @@ class LaunchConfig(Section):
     """Slurm: wait for the job to end, streaming its log, and return its exit status; False only submits."""
 
 
+class EvaluateConfig(Section):
+    train_split: str = "train"
+    """Split the linear probe and kNN are fitted on."""
+    test_split: str | None = None
+    """Split the top-1 is measured on; None uses `test` when the dataset has one, else `val`."""
+    batch_size: int = Field(256, gt=0)
+    """Images per batch of feature extraction."""
+    num_workers: int = Field(1, ge=0)
+    """Loader worker processes decoding images during feature extraction."""
+    probe_epochs: int = Field(30, gt=0)
+    """Linear-probe epochs over the cached features (30 x 54k x 512 takes ~10-40 s on 2 cores)."""
+    probe_batch_size: int = Field(1024, gt=0)
+    probe_lr: float = Field(2e-3, gt=0)
+    """Peak AdamW learning rate of the linear probe (after the warm-up; a cosine decays it to 0)."""
+    probe_weight_decay: float = Field(1e-6, ge=0)
+    probe_warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0)
+    baselines: bool = True
+    """Also score the same architecture at random initialisation and logistic regression on raw pixels."""
+    pixel_size: int = Field(32, gt=0)
+    """Raw-pixel baseline: images larger than this are area-downsampled to pixel_size x pixel_size first."""
+    diagnostic_samples: int = Field(1024, gt=1)
+    """Held-out (test split) images the label-free diagnostics use: RankMe, SIGReg, the LeJEPA loss."""
+
+
+class PublishConfig(Section):
+    name: str | None = None
+    """Model name: releases go to {storage.root}/models/{name}/{version}/; None uses pretrain.run_name."""
+    min_top1: float = Field(0.0, ge=0.0, le=1.0)
+    """Promotion gate: a release becomes `latest` only with a linear-probe top-1 at least this (and not
+    below the current latest's); `--force` promotes regardless."""
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -191,6 +225,8 @@ class PipelineConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     seed: int = 0
 
 

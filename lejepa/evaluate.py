@@ -1,4 +1,4 @@
-"""Evaluate stage: how good is the run's encoder, next to baselines computed in the same run on the same splits.
+"""Evaluate stage: how good the run's encoder is, beside baselines scored in the same run on the same splits.
 
 1. Frozen features of the train and test splits (batched, no augmentation) for our encoder, the same
    architecture at random initialisation (seeded), and the raw pixels. They are cached in
@@ -69,7 +69,7 @@ class EvalSummary:
 
 
 def sha256_of(storage: Storage, url: str) -> str:
-    """The sha256 of a stored file, streamed."""
+    """The sha256 of a file (a URL on `storage`, or a local path), streamed."""
     digest = hashlib.sha256()
     with storage.open(url, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -169,7 +169,12 @@ def embedding_diagnostics(embeddings: Tensor, cfg: PipelineConfig) -> dict[str, 
 
 
 def probe_scores(
-    train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, num_classes: int, cfg: PipelineConfig
+    train: Tensor,
+    train_labels: Tensor,
+    test: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    cfg: PipelineConfig,
 ) -> dict[str, float]:
     """Linear-probe and kNN top-1 on the labelled samples of the test split."""
     e = cfg.evaluate
@@ -223,7 +228,7 @@ def _read_history(storage: Storage, run_url: str) -> list[dict[str, Any]]:
 
 
 def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
-    """Evaluate `{root}/runs/{pretrain.run_name}`'s encoder with its baselines; write metrics, figure, report."""
+    """Score the encoder of `{root}/runs/{pretrain.run_name}` and its baselines; write metrics and report."""
     e = cfg.evaluate
     started = time.perf_counter()
     storage = Storage.from_config(cfg.storage)
@@ -260,22 +265,34 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     for role, split in splits.items():
         key = hashlib.sha256(
             json.dumps(
-                [FEATURES_FORMAT, weights_sha256, manifest.url, manifest.version, split, sorted(extractors),
-                 cfg.seed, e.pixel_size]
+                [
+                    FEATURES_FORMAT,
+                    weights_sha256,
+                    manifest.url,
+                    manifest.version,
+                    split,
+                    sorted(extractors),
+                    cfg.seed,
+                    e.pixel_size,
+                ]
             ).encode()
         ).hexdigest()[:16]
         url = f"{run_url}/eval/features-{split}-{key}.safetensors"
 
         def compute(split: str = split) -> dict[str, Tensor]:
-            batches = eval_loader(manifest, storage, split, batch_size=e.batch_size, num_workers=e.num_workers)
+            batches = eval_loader(
+                manifest, storage, split, batch_size=e.batch_size, num_workers=e.num_workers
+            )
             return extract_features(extractors, batches, manifest.num_samples(split), f"features {split}")
 
         features[role], hit = cached_features(storage, url, compute)
         if hit:
             notes.append(f"{split} features read from the cache {url}")
 
-    labelled = bool(manifest.class_names) and bool((features["train"]["labels"] >= 0).any()) and bool(
-        (features["test"]["labels"] >= 0).any()
+    labelled = (
+        bool(manifest.class_names)
+        and bool((features["train"]["labels"] >= 0).any())
+        and bool((features["test"]["labels"] >= 0).any())
     )
     num_classes = len(manifest.class_names or [])
     results: dict[str, dict[str, Any]] = {}
@@ -286,7 +303,9 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         scores: dict[str, Any] = {}
         if labelled:
             scores.update(
-                probe_scores(train, features["train"]["labels"], test, features["test"]["labels"], num_classes, cfg)
+                probe_scores(
+                    train, features["train"]["labels"], test, features["test"]["labels"], num_classes, cfg
+                )
             )
         if name != RAW_PIXELS:
             scores.update(embedding_diagnostics(test[: e.diagnostic_samples], cfg))
@@ -298,7 +317,11 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     if "projector" in description and storage.exists(projector_url):
         heldout = _first_images(manifest, storage, test_split, e.diagnostic_samples, e.batch_size)
         views = MultiCropViews.from_config(
-            cfg.views, manifest.image.size[0], description["in_chans"], description["mean"], description["std"]
+            cfg.views,
+            manifest.image.size[0],
+            description["in_chans"],
+            description["mean"],
+            description["std"],
         )
         with tempfile.TemporaryDirectory() as tmp:
             storage.get_file(projector_url, Path(tmp) / PROJECTOR)
@@ -311,7 +334,9 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         for name, model in models.items():
             results[name].update(heldout_lejepa_loss(model, heldout, views, cfg, cfg.pretrain.batch_size))
     else:
-        notes.append(f"LeJEPA loss diagnostic skipped: the run has no {PROJECTOR} (exported before projectors were)")
+        notes.append(
+            f"LeJEPA loss diagnostic skipped: the run has no {PROJECTOR} (exported before projectors were)"
+        )
 
     ours = results[ENCODER]
     metrics = {
@@ -322,7 +347,9 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             "version": manifest.version,
             "manifest": manifest.url,
             "fingerprint": manifest.source.get("fingerprint"),
-            "splits": {role: {"split": s, "num_samples": manifest.num_samples(s)} for role, s in splits.items()},
+            "splits": {
+                role: {"split": s, "num_samples": manifest.num_samples(s)} for role, s in splits.items()
+            },
             "num_classes": num_classes,
         },
         "linear_probe_top1": ours.get("linear_probe_top1"),
@@ -332,7 +359,8 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         "protocol": {
             "linear_probe": (
                 f"LayerNorm + Linear, AdamW (weight decay {e.probe_weight_decay}), lr {e.probe_lr}, "
-                f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, warm-up {e.probe_warmup_fraction} + cosine"
+                f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, "
+                f"warm-up {e.probe_warmup_fraction} + cosine"
             ),
             "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
             "raw_pixels": "the same linear probe on standardised, flattened pixels (logistic regression)",
@@ -372,7 +400,9 @@ def _first_images(manifest: ShardManifest, storage: Storage, split: str, n: int,
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lejepa-pipeline evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="pipeline YAML config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
     args = parser.parse_args(argv)
     try:
         summary = run_evaluate(load_config(args.config, args.set))

@@ -16,8 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 FIGURE, REPORT = "evaluation.png", "evaluation.md"
-MODEL_NAMES = {"encoder": "LeJEPA encoder", "random_init": "random init (same architecture)",
-               "raw_pixels": "raw pixels (logistic regression)"}
+MODEL_NAMES = {
+    "encoder": "LeJEPA encoder",
+    "random_init": "random init (same architecture)",
+    "raw_pixels": "raw pixels (logistic regression)",
+}
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -42,7 +45,9 @@ def write_figure(history: list[dict[str, Any]], metrics: dict[str, Any], path: s
     if steps:
         probe_ax.plot(steps, accuracy, linewidth=1)
     else:
-        probe_ax.text(0.5, 0.5, "no online probe (unlabelled data)", ha="center", transform=probe_ax.transAxes)
+        probe_ax.text(
+            0.5, 0.5, "no online probe (unlabelled data)", ha="center", transform=probe_ax.transAxes
+        )
     probe_ax.set(title="Online linear probe (train batches)", xlabel="step", ylabel="top-1", ylim=(0, 1))
 
     models = metrics["models"]
@@ -50,8 +55,11 @@ def write_figure(history: list[dict[str, Any]], metrics: dict[str, Any], path: s
     labelled = any(models[n].get("linear_probe_top1") is not None for n in names)
     if labelled:
         width = 0.38
-        for offset, (key, label) in zip((-width / 2, width / 2), (("linear_probe_top1", "linear probe"),
-                                                                  ("knn_top1", "kNN (k=20)")), strict=True):
+        for offset, (key, label) in zip(
+            (-width / 2, width / 2),
+            (("linear_probe_top1", "linear probe"), ("knn_top1", "kNN (k=20)")),
+            strict=True,
+        ):
             values = [models[n].get(key) or 0.0 for n in names]
             bars = bars_ax.bar([i + offset for i in range(len(names))], values, width, label=label)
             bars_ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], fontsize=8)
@@ -91,7 +99,9 @@ def results_table(metrics: dict[str, Any]) -> str:
 def write_report(metrics: dict[str, Any], figure: str) -> str:
     """The evaluation report as Markdown; `figure` is the figure's path relative to the report."""
     d = metrics["dataset"]
-    splits = ", ".join(f"{role}: `{s['split']}` ({s['num_samples']} images)" for role, s in d["splits"].items())
+    splits = ", ".join(
+        f"{role}: `{s['split']}` ({s['num_samples']} images)" for role, s in d["splits"].items()
+    )
     lines = [
         f"# Evaluation of `{metrics['run']}`",
         "",

@@ -334,6 +334,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         started = time.perf_counter()
         waited = 0.0
         sums = torch.zeros(5, dtype=torch.float64)
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         for _ in range(p.grad_accum):
             tick = time.perf_counter()
             (global_views, local_views), labels = next(batches)
@@ -371,7 +372,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
                 "loss": means[0],
                 "prediction": means[1],
                 "sigreg": means[2],
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "images_per_s": p.batch_size * p.grad_accum * world / elapsed,
                 "data_wait": waited / elapsed,
             }

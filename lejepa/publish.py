@@ -1,0 +1,272 @@
+"""Publish stage: a run's evaluated encoder becomes a versioned, checksummed model release.
+
+Layout: `{root}/models/{name}/{version}/` holds `encoder.safetensors`, `encoder.json` (and
+`projector.safetensors` when the run exported one), `metrics.json`, the evaluation figure and a model card
+`README.md`; `release.json` lists every file's sha256 and whether the release was promoted, and why.
+
+Commit order, so readers never see half a release: every file, then `release.json` (a folder without it is
+incomplete), then `{root}/models/{name}/latest.json`, the pointer readers follow. A crash anywhere before
+the pointer moves leaves `latest` on the previous complete release.
+
+Promotion gate: the release becomes `latest` only if its linear-probe top-1 is at least
+`publish.min_top1` and not below the current latest's (`--force` skips the gate). A rejected release is
+kept, with `promoted: false` and the reason in its `release.json`. Unlabelled runs have no top-1, so they
+are promoted only with `--force`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.evaluate import METRICS, sha256_of
+from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
+from lejepa.report import FIGURE, results_table
+from lejepa.storage import Storage, StorageError
+
+RELEASE, LATEST, CARD = "release.json", "latest.json", "README.md"
+# Fault injection for the crash-safety test: SIGKILL this process after N release files are written.
+CRASH_AFTER_ENV = "LEJEPA_PUBLISH_CRASH_AFTER"
+CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "session_token")
+
+
+class PublishError(RuntimeError):
+    """The run cannot be published as it is (not exported, not evaluated, stale metrics); says what to run."""
+
+
+@dataclass
+class PublishSummary:
+    model_uri: str
+    version: str
+    promoted: bool
+    reason: str
+
+
+def release_version(weights_sha256: str, now: datetime | None = None) -> str:
+    """`v{UTC YYYYmmdd-HHMMSS}-{8 hex of the weights' sha256}`: sorts by time, names the weights."""
+    now = now or datetime.now(timezone.utc)
+    return f"v{now:%Y%m%d-%H%M%S}-{weights_sha256[:8]}"
+
+
+def read_latest(storage: Storage, name: str) -> dict[str, Any] | None:
+    """The `latest.json` pointer of model `name` ({version, model_uri, linear_probe_top1, ...}) or None."""
+    url = storage.url("models", name, LATEST)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def resolve_model(storage: Storage, name: str, version: str = "latest") -> str:
+    """URL of a complete release of model `name` (for `lejepa.load_encoder`); `latest` follows the pointer."""
+    if version == "latest":
+        latest = read_latest(storage, name)
+        if latest is None:
+            raise PublishError(f"model '{name}' has no promoted release in {storage.url('models')}")
+        return latest["model_uri"]
+    url = storage.url("models", name, version)
+    if not storage.exists(f"{url}/{RELEASE}"):
+        raise PublishError(f"no complete release {name}/{version} in {storage.url('models')}")
+    return url
+
+
+def verify_release(storage: Storage, model_uri: str) -> dict[str, Any]:
+    """The release's `release.json`, after checking every listed file against its sha256."""
+    release = storage.read_json(f"{model_uri}/{RELEASE}")
+    for name, entry in release["files"].items():
+        if sha256_of(storage, f"{model_uri}/{name}") != entry["sha256"]:
+            raise PublishError(f"{model_uri}/{name} does not match its sha256 in {RELEASE}: republish it")
+    return release
+
+
+def promotion_decision(
+    top1: float | None, min_top1: float, latest: dict[str, Any] | None, force: bool = False
+) -> tuple[bool, str]:
+    """(promote?, why) for a release with linear-probe `top1` against the threshold and the current latest."""
+    if force:
+        return True, "forced (--force): promotion gate skipped"
+    if top1 is None:
+        return False, "no linear-probe top-1 (unlabelled data): promote it with --force"
+    if top1 < min_top1:
+        return False, f"linear-probe top-1 {top1:.4f} is below publish.min_top1 {min_top1:.4f}"
+    if latest is None:
+        return True, f"first release; linear-probe top-1 {top1:.4f} >= min_top1 {min_top1:.4f}"
+    best = latest.get("linear_probe_top1")
+    if best is not None and top1 < best:
+        return False, f"linear-probe top-1 {top1:.4f} is worse than latest {latest['version']} ({best:.4f})"
+    return True, f"linear-probe top-1 {top1:.4f} >= latest {latest['version']} ({_fmt(best)}) and min_top1"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _clean_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config tree with storage credentials blanked, whatever wrote it."""
+    tree = json.loads(json.dumps(tree))
+    for key in CREDENTIAL_KEYS:
+        if tree.get("storage", {}).get(key):
+            tree["storage"][key] = "**redacted**"
+    return tree
+
+
+def model_card(
+    name: str,
+    version: str,
+    model_uri: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    promoted: bool,
+    reason: str,
+) -> str:
+    """The release's README.md: what it is, how good it is, how it was trained, how to load it."""
+    d = metrics["dataset"]
+    description = metrics["encoder"]["description"]
+    splits = ", ".join(
+        f"{role}: `{s['split']}` ({s['num_samples']} images)" for role, s in d["splits"].items()
+    )
+    return "\n".join(
+        [
+            f"# {name} {version}",
+            "",
+            f"A LeJEPA self-supervised image encoder: `{description['backbone']}`, {description['in_chans']} "
+            f"channel(s), {description['img_size']} px inputs, {description['embed_dim']}-d embeddings.",
+            f"Promoted to `latest`: {'yes' if promoted else 'no'} ({reason}).",
+            "",
+            "## Load it",
+            "",
+            "```python",
+            "from lejepa.export import load_encoder",
+            f'encoder = load_encoder("{model_uri}")',
+            "embeddings = encoder(images)  # uint8 or [0, 1] float images (B, C, H, W) -> (B, D)",
+            "```",
+            "",
+            "## Evaluation (frozen features, test split)",
+            "",
+            results_table(metrics),
+            "",
+            f"![training curves and evaluation]({FIGURE})",
+            "",
+            *[f"- {key.replace('_', ' ')}: {text}" for key, text in metrics["protocol"].items()],
+            "",
+            "## Data",
+            "",
+            f"Dataset `{d['name']}` version `{d['version']}` ({splits}).",
+            f"Manifest: `{d['manifest']}`; source fingerprint: `{d.get('fingerprint')}`.",
+            f"Encoder weights sha256: `{metrics['encoder']['sha256']}`.",
+            "",
+            "## Training config",
+            "",
+            "```json",
+            json.dumps(config, indent=2),
+            "```",
+            "",
+        ]
+    )
+
+
+def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
+    """Release the encoder of `{root}/runs/{pretrain.run_name}`; `latest` moves only if the gate allows."""
+    storage = Storage.from_config(cfg.storage)
+    run_url = storage.url("runs", cfg.pretrain.run_name)
+    name = cfg.publish.name or cfg.pretrain.run_name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"publish.name: '{name}' must be letters, digits, '.', '_' or '-' (no slashes)")
+    for needed, stage in ((DESCRIPTION, "pretrain"), (WEIGHTS, "pretrain"), (METRICS, "evaluate")):
+        if not storage.exists(f"{run_url}/{needed}"):
+            raise PublishError(f"{run_url} has no {needed}: run `lejepa-pipeline {stage}` first")
+    weights_sha256 = sha256_of(storage, f"{run_url}/{WEIGHTS}")
+    metrics = storage.read_json(f"{run_url}/{METRICS}")
+    if metrics.get("encoder", {}).get("sha256") != weights_sha256:
+        raise PublishError(
+            f"{run_url}/{METRICS} is for other weights than {WEIGHTS}: run `lejepa-pipeline evaluate` again"
+        )
+    config_url = f"{run_url}/config.json"
+    config = _clean_config(storage.read_json(config_url) if storage.exists(config_url) else redacted(cfg))
+
+    version = release_version(weights_sha256)
+    model_uri = storage.url("models", name, version)
+    if storage.exists(f"{model_uri}/{RELEASE}"):
+        raise PublishError(
+            f"release {name}/{version} already exists: these weights were published this second"
+        )
+    latest = read_latest(storage, name)
+    top1 = metrics.get("linear_probe_top1")
+    promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force)
+
+    crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
+    files: dict[str, dict[str, Any]] = {}
+
+    copied = [WEIGHTS, DESCRIPTION, METRICS] + [
+        optional for optional in (PROJECTOR, FIGURE) if storage.exists(f"{run_url}/{optional}")
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        local_storage = Storage(tmp)
+
+        def written(file_name: str, local: Path) -> None:
+            storage.put_file(local, f"{model_uri}/{file_name}")
+            files[file_name] = {"sha256": sha256_of(local_storage, str(local)), "bytes": local.stat().st_size}
+            if crash_after and len(files) >= crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        for file_name in copied:
+            local = Path(tmp) / file_name
+            storage.get_file(f"{run_url}/{file_name}", local)
+            written(file_name, local)
+        card = Path(tmp) / CARD
+        card.write_text(model_card(name, version, model_uri, metrics, config, promoted, reason))
+        written(CARD, card)
+    if files[WEIGHTS]["sha256"] != weights_sha256:
+        raise PublishError(f"{run_url}/{WEIGHTS} changed while publishing: publish again")
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    storage.write_json(
+        f"{model_uri}/{RELEASE}",
+        {
+            "name": name,
+            "version": version,
+            "model_uri": model_uri,
+            "created": now,
+            "run": run_url,
+            "linear_probe_top1": top1,
+            "knn_top1": metrics.get("knn_top1"),
+            "promoted": promoted,
+            "reason": reason,
+            "previous_latest": latest["version"] if latest else None,
+            "files": files,
+        },
+    )
+    if promoted:
+        storage.write_json(
+            storage.url("models", name, LATEST),
+            {"version": version, "model_uri": model_uri, "linear_probe_top1": top1, "updated": now},
+        )
+    return PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lejepa-pipeline publish", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML config")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    parser.add_argument("--force", action="store_true", help="promote to latest even if the gate refuses")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_publish(load_config(args.config, args.set), force=args.force)
+    except (ConfigError, StorageError, PublishError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps(asdict(summary)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,373 @@
+"""The pretrain launcher: commands per mode, real runs of a distributed probe, failures, and Slurm scripts.
+
+The distributed runs start tests/programs/allreduce_probe.py (DeepSpeed's init_distributed, gloo, one
+all_reduce) instead of lejepa.train, so they prove the launcher alone. Each is bounded by an alarm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
+from lejepa.launch import (
+    LaunchError,
+    _write_deepspeed_env,
+    cli,
+    forwarded_env,
+    free_port,
+    hostfile_command,
+    launch,
+    local_command,
+    rank_error,
+    slurm_script,
+)
+
+PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+SECRET_DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()[:12]
+
+
+@pytest.fixture
+def deadline() -> Iterator[None]:
+    """Fail a distributed test that hangs, instead of hanging the suite; launch() then stops its ranks."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("launch did not finish within 240 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+
+
+def cpu_config(**launch_fields: object) -> PipelineConfig:
+    return PipelineConfig(launch=LaunchConfig(**{"accelerator": "cpu", **launch_fields}))
+
+
+def two_host_file(tmp_path: Path) -> Path:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two loopback 'nodes'\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    return hostfile
+
+
+def probe_lines(out: str) -> list[str]:
+    return sorted(line for line in out.splitlines() if "probe rank=" in line)
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+
+def test_local_commands(tmp_path: Path) -> None:
+    lc = cpu_config(master_port=29600).launch
+    assert local_command(lc, "lejepa.train", ["--config", "c.yaml"], log_dir=tmp_path) == [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", "--master_port=29600", "--tee=3", f"--log_dir={tmp_path}",
+        "--log_line_prefix_template=[rank${rank}]: ", "-m", "lejepa.train", "--config", "c.yaml",
+    ]
+    lc = cpu_config(launcher="deepspeed", nproc_per_node=3, master_port=29600).launch
+    assert local_command(lc, "probe.py", ["--set", "a=1"], log_dir=tmp_path) == [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=3", "--master_addr=127.0.0.1",
+        "--master_port=29600", "--no_local_rank", "probe.py", "--set", "a=1",
+    ]
+
+
+def test_hostfile_commands(tmp_path: Path) -> None:
+    hostfile = two_host_file(tmp_path)
+    lc = cpu_config(mode="hostfile", hostfile=str(hostfile), ssh_port=2222, master_port=29700).launch
+    assert hostfile_command(lc, "lejepa.train", ["--config", "c.yaml"]) == [
+        sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--launcher=pdsh",
+        "--no_ssh_check", "--ssh_port=2222", "--master_addr=127.0.0.1", "--master_port=29700",
+        "--no_local_rank", "--module", "lejepa.train", "--config", "c.yaml",
+    ]
+    lc = cpu_config(mode="hostfile", hostfile=str(hostfile), no_ssh=True, node_rank=1,
+                    master_addr="10.0.0.1", master_port=29700, nproc_per_node=4).launch
+    assert hostfile_command(lc, "lejepa.train", []) == [
+        sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--no_ssh",
+        "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29700", "--num_gpus=4",
+        "--no_local_rank", "--module", "lejepa.train",
+    ]
+
+
+def test_hostfile_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(LaunchError, match="needs launch.hostfile"):
+        hostfile_command(cpu_config(mode="hostfile").launch, "lejepa.train", [])
+    with pytest.raises(LaunchError, match="does not exist"):
+        hostfile_command(cpu_config(mode="hostfile", hostfile=str(tmp_path / "nope")).launch, "x", [])
+    lc = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), no_ssh=True, node_rank=0).launch
+    with pytest.raises(LaunchError, match="launch.master_addr, launch.master_port"):
+        hostfile_command(lc, "lejepa.train", [])
+    lc = cpu_config(mode="hostfile", hostfile=lc.hostfile, no_ssh=True, node_rank=2, master_addr="a",
+                    master_port=1).launch
+    with pytest.raises(LaunchError, match="node_rank=2 but .* names 2 hosts"):
+        hostfile_command(lc, "lejepa.train", [])
+
+
+def test_config_rejects_unknown_and_invalid_launch_fields() -> None:
+    with pytest.raises(ConfigError, match="launch.nproc: Extra inputs"):
+        load_config(overrides=["launch.nproc=2"])
+    with pytest.raises(ConfigError, match="launch.mode"):
+        load_config(overrides=["launch.mode=kubernetes"])
+    cfg = load_config(overrides=["launch.mode=hostfile", "launch.env=[HF_TOKEN, WANDB_*]"])
+    assert cfg.launch.env == ["HF_TOKEN", "WANDB_*"]
+
+
+def test_deepspeed_env_file_forwards_defaults_and_extras(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\n\n# comment\n")
+    environ = {"AWS_SECRET_ACCESS_KEY": SECRET, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+               "HF_TOKEN": "hf_x", "HOME": "/root", "AWS_REGION": "us-east-1"}
+    assert list(forwarded_env(environ, ["WANDB_*"])) == [
+        "AWS_REGION", "AWS_SECRET_ACCESS_KEY", "DS_ACCELERATOR", "WANDB_MODE"]
+    env_file = tmp_path / "out" / ".deepspeed_env"
+    env_file.parent.mkdir()
+    _write_deepspeed_env(env_file, environ, ["WANDB_*"])
+    assert env_file.read_text().splitlines() == [
+        "NCCL_DEBUG=INFO", "AWS_REGION=us-east-1", f"AWS_SECRET_ACCESS_KEY={SECRET}", "DS_ACCELERATOR=cpu",
+        "WANDB_MODE=offline"]
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    with pytest.raises(LaunchError, match=r"cannot forward \$AWS_SESSION_TOKEN") as failure:
+        _write_deepspeed_env(env_file, {"AWS_SESSION_TOKEN": "a$b-secretish"}, [])
+    assert "a$b" not in str(failure.value)
+
+
+def test_rank_error_names_the_failing_rank() -> None:
+    def traceback(prefix: str, error: str) -> list[str]:
+        return [f"{prefix}Traceback (most recent call last):", f'{prefix}  File "t.py", line 1, in <module>',
+                f"{prefix}    main()", f"{prefix}{error}"]
+
+    pdsh = traceback("127.0.0.2: [rank1]: ", "ValueError: bad shard")
+    assert rank_error(pdsh, 1) == "rank 1 on 127.0.0.2: ValueError: bad shard (exit status 1)"
+    srun = ["0: starting"] + traceback("1: ", "OSError: no space")
+    assert rank_error(srun, 1) == "rank 1: OSError: no space (exit status 1)"
+    # The rank that noticed its peer died is not the cause; a chained exception reports its last link.
+    chained = (traceback("[rank0]: ", "RuntimeError: Connection closed by peer [127.0.0.1]:1")
+               + traceback("[rank1]: ", "KeyError: 'x'")
+               + ["[rank1]: ", "[rank1]: During handling of the above exception, another exception occurred:"]
+               + traceback("[rank1]: ", "RuntimeError: no key x"))
+    assert rank_error(chained, 1) == "rank 1: RuntimeError: no key x (exit status 1)"
+    assert rank_error(["just a line", ""], 7) == "a rank exited with status 7; last output: just a line"
+
+
+# --- real launches on this machine ----------------------------------------------------------------------
+
+
+def test_local_torchrun_runs_every_rank_and_forwards_env(
+    deadline: None, secret_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = launch(cpu_config(), ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
+    out, err = capsys.readouterr()
+    assert rc == 0, err + out[-3000:]
+    assert probe_lines(out) == [
+        f"[rank{r}]: probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}"
+        for r in (0, 1)
+    ]
+    assert SECRET not in out + err
+
+
+def test_local_rank_that_raises_fails_the_launch_with_its_error(
+    deadline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = launch(cpu_config(), ["--fail-rank", "1"], program=PROBE)
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert err.strip().splitlines()[-1] == (
+        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})")
+
+
+def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
+    deadline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = launch(cpu_config(), ["--exit-rank", "0", "--exit-code", "3"], program=PROBE)
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert err.strip().splitlines()[-1] == (
+        "launch failed: rank 0: probe rank 0 giving up with status 3 (exit status 3)")
+
+
+def test_two_node_agents_with_no_ssh_finish_a_run_together(
+    tmp_path: Path, deadline: None, secret_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One DeepSpeed launcher per "node", as a scheduler would start them: same hostfile, address and port.
+    node = {"mode": "hostfile", "hostfile": str(two_host_file(tmp_path)), "no_ssh": True,
+            "master_addr": "127.0.0.1", "master_port": free_port()}
+    configs = [cpu_config(**node, node_rank=rank) for rank in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda cfg: launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE),
+                              configs))
+    out, err = capsys.readouterr()
+    assert codes == [0, 0], err + out[-3000:]
+    assert probe_lines(out) == [
+        f"probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}" for r in (0, 1)
+    ]
+
+
+# --- the real hostfile launcher: pdsh over ssh to two loopback "hosts" ----------------------------------
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"sshd did not accept connections on {host}:{port} within {timeout} s")
+
+
+@pytest.fixture
+def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """sshd on 127.0.0.1 and 127.0.0.2 at a free port with throw-away keys; yields (port, ssh_config)."""
+    missing = [tool for tool in ("/usr/sbin/sshd", "pdsh", "ssh", "ssh-keygen") if not shutil.which(tool)]
+    if missing or os.geteuid() != 0:
+        needs = ", ".join(missing) or "sshd and pdsh"
+        pytest.skip(f"needs root and {needs}: run infra/install-test-deps.sh as root")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d}/host_key\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
+    )
+    (d / "ssh_config").write_text(
+        f"Host 127.0.0.1 127.0.0.2\n  IdentityFile {d}/client_key\n  IdentitiesOnly yes\n  BatchMode yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    log = d / "sshd.log"
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
+    try:
+        _wait_for_port("127.0.0.2", port, sshd, log)
+        yield port, d / "ssh_config"
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_hostfile_pdsh_launch_over_ssh_runs_both_hosts(
+    tmp_path: Path, loopback_sshd: tuple[int, Path], deadline: None, secret_env: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port, ssh_config = loopback_sshd
+    cfg = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), ssh_port=port,
+                     ssh_options=["-F", str(ssh_config)], master_addr="127.0.0.1")
+    rc = launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
+    out, err = capsys.readouterr()
+    assert rc == 0, err + out[-3000:]
+    # pdsh prefixes each line with its host; DS_ACCELERATOR and the secret crossed ssh via .deepspeed_env.
+    assert probe_lines(out) == [
+        f"127.0.0.{r + 1}: probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}"
+        for r in (0, 1)
+    ]
+    assert SECRET not in out + err
+
+
+def test_hostfile_launch_with_unreachable_host_fails_in_one_line(tmp_path: Path) -> None:
+    if not shutil.which("pdsh") or not shutil.which("ssh"):
+        pytest.skip("needs pdsh and ssh: run infra/install-test-deps.sh as root")
+    closed_port = free_port()
+    cfg = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), ssh_port=closed_port,
+                     master_addr="127.0.0.1")
+    with pytest.raises(LaunchError, match=r"cannot ssh to 127\.0\.0\.1 .*refused.*launch.ssh_port"):
+        launch(cfg, [], program=PROBE)
+
+
+# --- Slurm ----------------------------------------------------------------------------------------------
+
+
+def test_slurm_script_for_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    lc = cpu_config(mode="slurm", accelerator="auto", nnodes=4, gpus_per_node=8, cpus_per_task=12,
+                    partition="gpu", account="proj42", time="2-00:00:00", extra_sbatch=["--exclusive"]).launch
+    script = slurm_script(lc, "lejepa.train", ["--config", "run config.yaml", "--set", "loss.lamb=0.1"],
+                          log_path=tmp_path / "job.out")
+    python = sys.executable
+    assert script.splitlines() == [
+        "#!/bin/bash",
+        "#SBATCH --job-name=lejepa-pretrain",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        f"#SBATCH --output={tmp_path}/job.out",
+        f"#SBATCH --chdir={tmp_path}",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --exclusive",
+        "# Generated by lejepa.launch. sbatch and srun pass the submitting shell's environment (credentials",
+        "# included) on to every rank: nothing secret is written here.",
+        "set -euo pipefail",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "export OMP_NUM_THREADS=12",
+        "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 bash -c 'export RANK=$SLURM_PROCID "
+        "LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec \"$@\"' rank "
+        f"{python} -u -m lejepa.train --config 'run config.yaml' --set loss.lamb=0.1",
+    ]
+
+
+def test_slurm_cpu_job_sets_the_cpu_accelerator(tmp_path: Path) -> None:
+    lc = cpu_config(mode="slurm", accelerator="auto", master_port=29900).launch
+    script = slurm_script(lc, "lejepa.train", [], log_path=tmp_path / "job.out")
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "gpus-per-node" not in script and "partition" not in script
+    assert "export MASTER_PORT=29900\nexport DS_ACCELERATOR=cpu\n" in script
+
+
+def test_slurm_dry_run_prints_the_script_and_submits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    rc = cli(["--set", "launch.mode=slurm", "--set", "launch.partition=debug", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("#!/bin/bash\n#SBATCH --job-name=lejepa-pretrain\n")
+    assert "#SBATCH --partition=debug" in out
+    assert out.rstrip().endswith("-m lejepa.train --set launch.mode=slurm --set launch.partition=debug")
+    assert not (tmp_path / "submitted").exists() and not (tmp_path / "slurm").exists()
+
+
+def test_slurm_submit_without_sbatch_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cli(["--set", "launch.mode=slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: launch.mode=slurm needs sbatch on PATH: run on a Slurm login node (or --dry-run)\n"
+    assert not (tmp_path / "slurm").exists()
