@@ -11,6 +11,7 @@ demo: $(INSTALLED) $(FASHION_MNIST)
 	$(VENV)/bin/lejepa-pipeline demo
 
 test: $(INSTALLED) $(FASHION_MNIST)
+	bash infra/install-test-deps.sh
 	$(PY) -m pytest -q -ra
 
 # The virtual environment. torch is pinned first: a bare `torch` would pull a multi-GB CUDA build.

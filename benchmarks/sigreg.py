@@ -92,7 +92,7 @@ def run_child(metric: str, variant: str, size: tuple[int, int, int], reps: int) 
 
 
 def relative_errors(size: tuple[int, int, int]) -> tuple[float, float]:
-    """|value - ref| / |ref| and ||grad - ref grad|| / ||ref grad|| of ours against the straightforward one."""
+    """Ours against the straightforward one: |value - ref| / |ref| and ||grad - ref|| / ||ref||."""
     results = []
     for fn in VARIANTS.values():
         z, directions = make_inputs(*size)
@@ -106,27 +106,36 @@ def relative_errors(size: tuple[int, int, int]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="timed passes per variant and size")
-    parser.add_argument("--child", nargs=5, metavar=("METRIC", "VARIANT", "N", "D", "K"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=5, metavar=("METRIC", "VARIANT", "N", "D", "K"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         metric, variant, *size = args.child
         print(json.dumps(measure(metric, variant, *map(int, size), reps=args.reps)))
         return
 
-    print(f"SIGReg forward+backward, 17 knots, {torch.get_num_threads()} threads, "
-          f"median of {args.reps} after {WARMUP} warm-up; load average {os.getloadavg()[0]:.1f}")
-    header = (f"{'N':>5} {'D':>4} {'K':>5} | {'straightforward':>18} | {'lejepa.sigreg':>18} | "
-              f"{'speed-up':>8} {'memory':>7} | {'value err':>9} {'grad err':>9}")
+    print(
+        f"SIGReg forward+backward, 17 knots, {torch.get_num_threads()} threads, "
+        f"median of {args.reps} after {WARMUP} warm-up; load average {os.getloadavg()[0]:.1f}"
+    )
+    header = (
+        f"{'N':>5} {'D':>4} {'K':>5} | {'straightforward':>18} | {'lejepa.sigreg':>18} | "
+        f"{'speed-up':>8} {'memory':>7} | {'value err':>9} {'grad err':>9}"
+    )
     print(header)
-    print(f"{'':>17}| {'ms':>8} {'MiB':>9} | {'ms':>8} {'MiB':>9} | {'x':>8} {'ratio':>7} | {'rel':>9} {'rel':>9}")
+    units = f"{'ms':>8} {'MiB':>9}"
+    print(f"{'':>17}| {units} | {units} | {'x':>8} {'ratio':>7} | {'rel':>9} {'rel':>9}")
     for size in SIZES:
         ms = {v: 1000 * run_child("time", v, size, args.reps) for v in VARIANTS}
         mib = {v: run_child("memory", v, size, args.reps) for v in VARIANTS}
         value_err, grad_err = relative_errors(size)
         (ref_ms, our_ms), (ref_mib, our_mib) = ms.values(), mib.values()
-        print(f"{size[0]:>5} {size[1]:>4} {size[2]:>5} | {ref_ms:>8.1f} {ref_mib:>9.1f} | {our_ms:>8.1f} "
-              f"{our_mib:>9.1f} | {ref_ms / our_ms:>8.1f} {our_mib / ref_mib:>7.3f} | "
-              f"{value_err:>9.1e} {grad_err:>9.1e}")
+        print(
+            f"{size[0]:>5} {size[1]:>4} {size[2]:>5} | {ref_ms:>8.1f} {ref_mib:>9.1f} | {our_ms:>8.1f} "
+            f"{our_mib:>9.1f} | {ref_ms / our_ms:>8.1f} {our_mib / ref_mib:>7.3f} | "
+            f"{value_err:>9.1e} {grad_err:>9.1e}"
+        )
 
 
 if __name__ == "__main__":

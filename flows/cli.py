@@ -16,6 +16,7 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "demo": ("lejepa.minimal", "a short LeJEPA training run on Fashion-MNIST on the CPU (no set-up needed)"),
     "shard": ("lejepa.shard", "write an image source as WebDataset shards with a manifest"),
+    "pretrain": ("lejepa.pretrain", "train an encoder with LeJEPA and DeepSpeed, one process to many nodes"),
 }
 
 

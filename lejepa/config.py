@@ -160,8 +160,8 @@ class LaunchConfig(Section):
     ssh_options: list[str] = Field(default_factory=list)
     """Extra ssh arguments for every connection, e.g. ["-F", "/etc/lejepa/ssh_config"] or ["-i", "KEY"]."""
     env: list[str] = Field(default_factory=list)
-    """Environment variables forwarded to remote ranks besides AWS_* and DS_ACCELERATOR; NAME or PREFIX_*.
-    Values travel in DeepSpeed's .deepspeed_env file, never on our command lines, and are never printed."""
+    """Environment variables forwarded to remote hostfile ranks besides AWS_* and DS_ACCELERATOR; NAME or
+    PREFIX_*. They travel in a private .deepspeed_env file (DS_ENV_FILE) and are masked in all output."""
     partition: str | None = None
     """Slurm partition (sbatch --partition); None uses the cluster's default."""
     account: str | None = None

@@ -37,7 +37,7 @@ from lejepa.loss import lejepa_loss
 from lejepa.model import Encoder, create_backbone
 from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
 from lejepa.report import FIGURE, REPORT, write_figure, write_report
-from lejepa.shard import ShardManifest, manifest_url_for
+from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
 from lejepa.sources import DataError
 from lejepa.storage import Storage, StorageError
@@ -205,10 +205,6 @@ def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
 # -- the stage ----------------------------------------------------------------------------------------
 
 
-def _manifest(cfg: PipelineConfig, storage: Storage) -> ShardManifest:
-    return ShardManifest.load(storage, manifest_url_for(cfg))
-
-
 def _test_split(cfg: PipelineConfig, manifest: ShardManifest) -> str:
     split = cfg.evaluate.test_split or ("test" if "test" in manifest.splits else "val")
     for name, value in (("train_split", cfg.evaluate.train_split), ("test_split", split)):
@@ -238,7 +234,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             f"no exported encoder in {run_url}: run `lejepa-pipeline pretrain` with pretrain.run_name="
             f"{cfg.pretrain.run_name} first"
         )
-    manifest = _manifest(cfg, storage)
+    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
     test_split = _test_split(cfg, manifest)
     splits = {"train": e.train_split, "test": test_split}
 
@@ -283,18 +279,18 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             batches = eval_loader(
                 manifest, storage, split, batch_size=e.batch_size, num_workers=e.num_workers
             )
-            return extract_features(extractors, batches, manifest.num_samples(split), f"features {split}")
+            return extract_features(extractors, batches, manifest.num_samples[split], f"features {split}")
 
         features[role], hit = cached_features(storage, url, compute)
         if hit:
             notes.append(f"{split} features read from the cache {url}")
 
     labelled = (
-        bool(manifest.class_names)
+        manifest.num_classes > 0
         and bool((features["train"]["labels"] >= 0).any())
         and bool((features["test"]["labels"] >= 0).any())
     )
-    num_classes = len(manifest.class_names or [])
+    num_classes = manifest.num_classes
     results: dict[str, dict[str, Any]] = {}
     for name in extractors:
         train, test = features["train"][name], features["test"][name]
@@ -311,14 +307,14 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             scores.update(embedding_diagnostics(test[: e.diagnostic_samples], cfg))
         results[name] = scores
     if not labelled:
-        notes.append("unlabelled data: linear probe and kNN skipped; the label-free diagnostics still ran")
+        notes.append("unlabelled data: probes skipped (linear probe, kNN); the label-free diagnostics still ran")
 
     projector_url = f"{run_url}/{PROJECTOR}"
     if "projector" in description and storage.exists(projector_url):
         heldout = _first_images(manifest, storage, test_split, e.diagnostic_samples, e.batch_size)
         views = MultiCropViews.from_config(
             cfg.views,
-            manifest.image.size[0],
+            manifest.image_size,
             description["in_chans"],
             description["mean"],
             description["std"],
@@ -348,7 +344,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             "manifest": manifest.url,
             "fingerprint": manifest.source.get("fingerprint"),
             "splits": {
-                role: {"split": s, "num_samples": manifest.num_samples(s)} for role, s in splits.items()
+                role: {"split": s, "num_samples": manifest.num_samples[s]} for role, s in splits.items()
             },
             "num_classes": num_classes,
         },

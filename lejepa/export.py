@@ -105,7 +105,12 @@ def load_encoder(
     """
     folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
     storage = storage.at(folder) if storage is not None else Storage(folder)
-    description = json.loads(storage.read_bytes(f"{folder}/{DESCRIPTION}"))
+    try:
+        description = json.loads(storage.read_bytes(f"{folder}/{DESCRIPTION}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no exported encoder at {folder}: expected {DESCRIPTION} there (a finished pretrain run or a release)"
+        ) from None
     backbone = create_backbone(
         description["backbone"],
         in_chans=description["in_chans"],

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -82,7 +83,8 @@ def launch(
                 # ./.deepspeed_env, whose lines it already holds.
                 env["DS_ENV_FILE"] = str(env_file)
                 if lc.ssh_options:
-                    env["PDSH_SSH_ARGS_APPEND"] = shlex.join(lc.ssh_options)
+                    ssh_args = [env.get("PDSH_SSH_ARGS_APPEND", ""), shlex.join(lc.ssh_options)]
+                    env["PDSH_SSH_ARGS_APPEND"] = " ".join(ssh_args).strip()
         print(f"launch: {shlex.join(argv)}", flush=True)
         if dry_run:
             return 0
@@ -211,7 +213,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def forwarded_env(environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+def forwarded_env(environ: Mapping[str, str], extra: list[str]) -> dict[str, str]:
     """The variables remote ranks receive: AWS_*, DS_ACCELERATOR and the names or NAME_* patterns in extra."""
     patterns = [*FORWARDED_ENV, *extra]
     return {k: v for k, v in sorted(environ.items()) if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
@@ -265,40 +267,47 @@ def _launch_slurm(lc: LaunchConfig, program: str, program_args: list[str], *, dr
 
 
 def _follow_job(argv: list[str], log_path: Path, secrets: list[str]) -> tuple[int, deque[str]]:
-    """Run `sbatch --wait` and stream the job's log file while it runs."""
+    """Run `sbatch --parsable --wait`, streaming the job's log while it runs; cancel the job if we stop."""
     tail: deque[str] = deque(maxlen=2000)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said: list[str] = []  # sbatch's own output; its first line is the job id
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    reader = threading.Thread(target=lambda: said.extend(proc.stdout or []), daemon=True)
+    reader.start()
     offset, partial = 0, ""
 
     def read_new() -> None:
         nonlocal offset, partial
-        if not log_path.exists():
-            return
-        with log_path.open("r", errors="replace") as f:
-            f.seek(offset)
-            chunk = f.read()
-            offset = f.tell()
-        *complete, partial = (partial + chunk).split("\n")
-        for line in complete:
-            _emit(line, secrets, tail)
+        if log_path.exists():
+            with log_path.open("r", errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            *complete, partial = (partial + chunk).split("\n")
+            for line in complete:
+                _emit(line, secrets, tail)
 
     try:
         while proc.poll() is None:
             read_new()
             time.sleep(0.5)
     except BaseException:
-        _stop(proc)  # sbatch --wait cancels the job when interrupted
+        job_id = said[0].strip().split(";")[0] if said else None
+        if job_id and shutil.which("scancel"):
+            subprocess.run(["scancel", job_id], check=False)
+        _stop(proc)
         raise
+    reader.join()
     read_new()
     if partial:
         _emit(partial, secrets, tail)
-    for line in (proc.stdout.read() if proc.stdout else "").splitlines():
-        _emit(f"sbatch: {line}", secrets, tail)
+    for line in said[1:] if proc.returncode == 0 else said:
+        _emit(f"sbatch: {line.rstrip()}", secrets, tail)
     return proc.returncode, tail
 
 
 def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[int, deque[str]]:
-    """Run the launcher, echo its merged output line by line, and keep the tail for the error line."""
+    """Run the launcher in its own process group, echo its merged output line by line, keep the tail."""
     tail: deque[str] = deque(maxlen=2000)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", bufsize=1, start_new_session=True)
@@ -313,15 +322,17 @@ def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[i
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Interrupt a launcher (it stops its ranks), then kill its process group if it does not end."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """Stop a launcher and all it started: SIGTERM to its process group (torchrun and DeepSpeed stop their
+    ranks, and pdsh's remote ones, on it), then SIGKILL to whatever is left."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _emit(line: str, secrets: list[str], tail: deque[str]) -> None:

@@ -17,6 +17,7 @@ are promoted only with `--force`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -53,7 +54,10 @@ class PublishSummary:
 
 
 def release_version(weights_sha256: str, now: datetime | None = None) -> str:
-    """`v{UTC YYYYmmdd-HHMMSS}-{8 hex of the weights' sha256}`: sorts by time, names the weights."""
+    """`v{UTC YYYYmmdd-HHMMSS}-{8 hex of the weights' sha256}`: sorts by time, names the weights.
+
+    `run_publish` appends `-2`, `-3`, ... in the rare case the folder is taken (same weights, same second).
+    """
     now = now or datetime.now(timezone.utc)
     return f"v{now:%Y%m%d-%H%M%S}-{weights_sha256[:8]}"
 
@@ -191,12 +195,12 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
     config_url = f"{run_url}/config.json"
     config = _clean_config(storage.read_json(config_url) if storage.exists(config_url) else redacted(cfg))
 
-    version = release_version(weights_sha256)
-    model_uri = storage.url("models", name, version)
-    if storage.exists(f"{model_uri}/{RELEASE}"):
-        raise PublishError(
-            f"release {name}/{version} already exists: these weights were published this second"
-        )
+    version = base = release_version(weights_sha256)
+    for attempt in itertools.count(2):  # the same weights published twice in one second get -2, -3, ...
+        model_uri = storage.url("models", name, version)
+        if not storage.ls(model_uri):
+            break
+        version = f"{base}-{attempt}"
     latest = read_latest(storage, name)
     top1 = metrics.get("linear_probe_top1")
     promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force)

@@ -127,7 +127,7 @@ class _ECFSums(torch.autograd.Function):
         coefficients = (t * torch.complex(grad_sin, grad_cos)).T.contiguous()  # (knots, M)
         grad_x = torch.empty_like(x)
         chunk = max(1, _CHUNK_ELEMENTS // x.shape[1])
-        for rows, grad_rows in zip(x.split(chunk), grad_x.split(chunk)):
+        for rows, grad_rows in zip(x.split(chunk), grad_x.split(chunk), strict=True):
             phasor = _unit_phasor(rows, ctx.dt)
             polynomial = torch.zeros_like(phasor)
             for j in reversed(range(ctx.knots)):  # Horner's rule

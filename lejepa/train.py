@@ -283,6 +283,11 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    # DeepSpeed casts parameters to bf16 but not buffers; BatchNorm on the CPU needs its running
+    # statistics in the input's dtype.
+    for buffer in engine.module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
 
     probe = (
         OnlineProbe(encoder.embed_dim, len(manifest.classes), device)

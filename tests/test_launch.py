@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from lejepa.launch import (
 )
 
 PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
+FAKE_SLURM = Path(__file__).parent / "programs" / "fake_slurm"
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 SECRET_DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()[:12]
 
@@ -371,3 +373,83 @@ def test_slurm_submit_without_sbatch_fails_in_one_line(
     err = capsys.readouterr().err
     assert err == "error: launch.mode=slurm needs sbatch on PATH: run on a Slurm login node (or --dry-run)\n"
     assert not (tmp_path / "slurm").exists()
+
+
+def test_slurm_job_runs_every_rank_and_streams_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deadline: None, secret_env: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # sbatch, srun and scontrol stand-ins run the generated script as a one-node job on this machine.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{os.environ['PATH']}")
+    cfg = cpu_config(mode="slurm", accelerator="auto", nproc_per_node=2, master_port=free_port())
+    rc = launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
+    out, err = capsys.readouterr()
+    assert rc == 0, err + out[-3000:]
+    # srun --label prefixes the task id; DS_ACCELERATOR=cpu comes from the script, the secret from the env.
+    assert probe_lines(out) == [
+        f"{r}: probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}"
+        for r in (0, 1)
+    ]
+    [script] = (tmp_path / "slurm").glob("lejepa-pretrain-*.sbatch")
+    assert SECRET not in script.read_text() + out + err
+
+
+def test_slurm_job_with_a_failing_rank_fails_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deadline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{os.environ['PATH']}")
+    cfg = cpu_config(mode="slurm", nproc_per_node=2, master_port=free_port())
+    rc = launch(cfg, ["--fail-rank", "1"], program=PROBE)
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.strip().splitlines()[-1] == (
+        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})")
+
+
+def test_slurm_submit_without_wait_returns_once_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{os.environ['PATH']}")
+    assert launch(cpu_config(mode="slurm", wait=False), ["--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "launch: submitted Slurm job 4242"
+    [script] = (tmp_path / "slurm").glob("lejepa-pretrain-*.sbatch")
+    assert script.read_text().rstrip().endswith("-u -m lejepa.train --config c.yaml")
+
+
+# --- stopping -------------------------------------------------------------------------------------------
+
+
+def _processes_naming(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_interrupted_launch_stops_every_rank(
+    tmp_path: Path, deadline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # DeepSpeed's local launcher is the hard case: its runner leaves its ranks behind when killed alone.
+    hang_file = tmp_path / "rank-0-hangs"
+    main_thread = threading.get_ident()
+
+    def interrupt_once_hanging() -> None:
+        while not hang_file.exists():
+            time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_hanging, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        launch(cpu_config(launcher="deepspeed"), ["--hang-rank", "0", "--hang-file", str(hang_file)],
+               program=PROBE)
+    end = time.monotonic() + 10
+    while _processes_naming(str(hang_file)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _processes_naming(str(hang_file)) == []

@@ -110,7 +110,7 @@ def test_float64_value_and_gradients_equal_the_straightforward_formulation(shape
     ref = values_and_grads(reference_sliced_epps_pulley, z, directions)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-12, atol=0)
     # Gradients for z and, through the plain-autograd projection, for the directions.
-    for fast_grad, ref_grad in zip(fast[1:], ref[1:]):
+    for fast_grad, ref_grad in zip(fast[1:], ref[1:], strict=True):
         torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-10, atol=1e-12 * ref_grad.abs().max().item())
 
 
@@ -120,7 +120,9 @@ def test_float32_value_and_gradient_agree_within_1e5_and_1e4(shape, slices):
     directions = unit_directions(shape[-1], slices, seed=2, dtype=torch.float64)
     fast, fast_grad = value_and_grad(sliced_epps_pulley, z.float(), directions.float())
     for ref_dtype in (torch.float32, torch.float64):  # the float32 reference, and the truth
-        ref, ref_grad = value_and_grad(reference_sliced_epps_pulley, z.to(ref_dtype), directions.to(ref_dtype))
+        ref, ref_grad = value_and_grad(
+            reference_sliced_epps_pulley, z.to(ref_dtype), directions.to(ref_dtype)
+        )
         assert abs(fast.item() - ref.item()) <= 1e-5 * abs(ref.item())
         # Elementwise relative, with an absolute floor for entries near zero.
         scale = ref_grad.abs().max().item()
@@ -138,7 +140,8 @@ def test_bfloat16_input_is_computed_in_float32_and_returns_a_bfloat16_gradient()
 
 
 def test_views_are_averaged():
-    z = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 1.5, 0.5])[:, None, None]
+    scales = torch.tensor([1.0, 1.5, 0.5])[:, None, None]
+    z = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(0)) * scales
     directions = unit_directions(16, 64, seed=1)
     per_view = torch.stack([sliced_epps_pulley(view, directions) for view in z])
     assert sliced_epps_pulley(z, directions).item() == pytest.approx(per_view.mean().item(), rel=1e-5)

@@ -21,10 +21,17 @@ def _rows(tensor: torch.Tensor, split: list[int], rank: int, dim: int) -> torch.
     return tensor.split(split, dim=dim)[rank]
 
 
-def _worker(rank: int, store: str, out_dir: str, batch_2d: torch.Tensor, batch_3d: torch.Tensor,
-            directions: torch.Tensor) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
+def _worker(
+    rank: int,
+    store: str,
+    out_dir: str,
+    batch_2d: torch.Tensor,
+    batch_3d: torch.Tensor,
+    directions: torch.Tensor,
+) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60)
+    )
     try:
         results = {}
         for name, batch, split, dim in (("2d", batch_2d, SPLIT_2D, 0), ("3d", batch_3d, SPLIT_3D, 1)):
@@ -57,8 +64,12 @@ def test_two_gloo_ranks_give_the_statistic_and_gradients_of_the_concatenated_bat
     directions = torch.randn(DIM, SLICES, generator=generator, dtype=torch.float64)
     directions /= directions.norm(dim=0)
 
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), batch_2d, batch_3d, directions),
-             nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "store"), str(tmp_path), batch_2d, batch_3d, directions),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     for name, batch, split, dim in (("2d", batch_2d, SPLIT_2D, 0), ("3d", batch_3d, SPLIT_3D, 1)):
@@ -68,7 +79,8 @@ def test_two_gloo_ranks_give_the_statistic_and_gradients_of_the_concatenated_bat
             torch.testing.assert_close(rank_value, value, rtol=1e-12, atol=0)
             # Documented convention: each rank's samples get WORLD_SIZE x their single-process
             # gradient, which DDP's averaging over ranks cancels.
-            torch.testing.assert_close(rank_grad, WORLD_SIZE * _rows(grad, split, rank, dim), rtol=1e-10, atol=1e-12)
+            expected_grad = WORLD_SIZE * _rows(grad, split, rank, dim)
+            torch.testing.assert_close(rank_grad, expected_grad, rtol=1e-10, atol=1e-12)
 
     # The module's step was broadcast from rank 0 before drawing, so both ranks projected on the
     # step-0 directions: the statistic of one process with a fresh module on the whole batch.

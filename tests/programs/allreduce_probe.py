@@ -2,13 +2,15 @@
 
 Prints `probe rank=R world=W sum=S accelerator=A` and, for each --show-env NAME, `NAME=<sha256 prefix>`
 (never the value), so a test can check that a variable arrived without it appearing in any log.
---fail-rank R makes rank R raise after joining the group; --exit-rank R exits with --exit-code instead.
+--fail-rank R makes rank R raise after joining the group; --exit-rank R exits with --exit-code instead;
+--hang-rank R makes rank R create --hang-file and then wait forever (to test stopping a launch).
 """
 
 import argparse
 import hashlib
 import os
 import sys
+import threading
 
 import deepspeed
 import torch
@@ -25,6 +27,8 @@ def main() -> int:
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--exit-rank", type=int)
     parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--hang-rank", type=int)
+    parser.add_argument("--hang-file")
     parser.add_argument("--show-env", action="append", default=[])
     args = parser.parse_args()
 
@@ -35,6 +39,9 @@ def main() -> int:
     if rank == args.exit_rank:
         print(f"probe rank {rank} giving up with status {args.exit_code}", file=sys.stderr, flush=True)
         os._exit(args.exit_code)
+    if rank == args.hang_rank:
+        open(args.hang_file, "w").close()
+        threading.Event().wait()
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     shown = " ".join(f"{name}={digest(name)}" for name in args.show_env)

@@ -1,0 +1,65 @@
+"""The pretrain stage: launch `lejepa.train` on every rank, then report the run's summary.
+
+`lejepa-pipeline pretrain --config FILE [--set key=value ...]` (or `python -m lejepa.pretrain ...`) runs
+the launch described by the `launch` section (local processes, a hostfile, or a Slurm job) and prints the
+run's summary as its last line: `run_dir`, `checkpoint`, `encoder`, `steps`, `final_loss`. Running it
+again on the same `pretrain.run_name` resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.launch import LaunchError, launch
+from lejepa.storage import Storage, StorageError
+
+
+class PretrainFailed(RuntimeError):
+    """A rank of the training launch failed; the message holds the launcher's exit status."""
+
+
+def run_url(cfg: PipelineConfig) -> str:
+    """The run folder of `cfg.pretrain.run_name`."""
+    return Storage.from_config(cfg.storage).url("runs", cfg.pretrain.run_name)
+
+
+def run_pretrain(cfg: PipelineConfig, program_args: list[str], *, dry_run: bool = False) -> dict[str, Any]:
+    """Launch training with `program_args` (the `--config/--set` every rank reads); returns its summary."""
+    status = launch(cfg, program_args, dry_run=dry_run)
+    if status != 0:
+        raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
+    if dry_run:
+        return {}
+    storage = Storage.from_config(cfg.storage)
+    return storage.read_json(f"{run_url(cfg)}/summary.json")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lejepa-pipeline pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML config, read by every rank")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the launch command (or sbatch script) only"
+    )
+    args = parser.parse_args(argv)
+    program_args = (["--config", args.config] if args.config else []) + [
+        a for s in args.set for a in ("--set", s)
+    ]
+    try:
+        summary = run_pretrain(load_config(args.config, args.set), program_args, dry_run=args.dry_run)
+    except (ConfigError, LaunchError, StorageError, PretrainFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

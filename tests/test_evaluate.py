@@ -1,0 +1,155 @@
+"""The evaluate stage end to end on small data: sklearn's 8x8 digits, sharded, and an untrained encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import lejepa.evaluate as evaluate
+from lejepa.config import PipelineConfig, load_config
+from lejepa.export import encoder_description, export_encoder
+from lejepa.model import Encoder
+from lejepa.shard import ShardManifest, locate_manifest, write_shards
+from lejepa.storage import Storage
+
+FAST = {
+    "evaluate": {
+        "probe_epochs": 20,
+        "probe_batch_size": 256,
+        "probe_lr": 1e-2,
+        "batch_size": 128,
+        "num_workers": 0,
+        "diagnostic_samples": 128,
+    },
+    "loss": {"num_slices": 64},
+    "pretrain": {"batch_size": 64, "run_name": "tiny"},
+    "shard": {"workers": 1},
+}
+
+
+def _config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "store")}, "data": data, **FAST}))
+    return path
+
+
+def _export_tiny_encoder(cfg: PipelineConfig, with_projector: bool) -> None:
+    """An untrained resnet10t exported the way the pretrain stage does."""
+    storage = Storage.from_config(cfg.storage)
+    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+    size = manifest.image_size
+    encoder = Encoder(
+        "resnet10t",
+        in_chans=1,
+        img_size=size,
+        proj_dim=16,
+        proj_hidden_dim=32,
+        proj_layers=2,
+        small_input=False,
+    )
+    projector = {"proj_dim": 16, "proj_hidden_dim": 32, "proj_layers": 2} if with_projector else None
+    description = encoder_description(
+        "resnet10t",
+        {},
+        1,
+        size,
+        False,
+        encoder.embed_dim,
+        manifest.mean,
+        manifest.std,
+        projector=projector,
+    )
+    export_encoder(
+        encoder.backbone,
+        description,
+        storage,
+        storage.url("runs", cfg.pretrain.run_name),
+        projector=encoder.projector if with_projector else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("digits")
+    config = _config(tmp_path, {"source": "digits", "test_fraction": 0.2})
+    cfg = load_config(config)
+    write_shards(cfg, progress=False)
+    _export_tiny_encoder(cfg, with_projector=True)
+    return config
+
+
+@pytest.fixture(scope="module")
+def evaluated(digits_run: Path) -> dict:
+    """The printed summary of one `evaluate` run (its last stdout line)."""
+    with pytest.MonkeyPatch.context() as patch:
+        printed: list[str] = []
+        patch.setattr("builtins.print", lambda *args, **kwargs: printed.append(" ".join(map(str, args))))
+        assert evaluate.cli(["--config", str(digits_run)]) == 0
+    return json.loads(printed[-1])
+
+
+def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
+    summary = evaluated
+    assert set(summary["baselines"]) == {"random_init", "raw_pixels"}
+    assert 0.0 <= summary["linear_probe_top1"] <= 1.0 and 0.0 <= summary["knn_top1"] <= 1.0
+    # Logistic regression on the raw pixels of digits is a well-known ~95%: the probe must get close.
+    assert summary["baselines"]["raw_pixels"] > 0.85
+
+    run = Path(summary["metrics"]).parent
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    assert metrics["dataset"]["splits"]["test"] == {"split": "test", "num_samples": 359}
+    assert metrics["linear_probe_top1"] == summary["linear_probe_top1"]
+    for name in ("encoder", "random_init"):
+        diagnostics = metrics["models"][name]
+        assert 1.0 <= diagnostics["rankme"] <= 512
+        assert diagnostics["sigreg"] > 0 and diagnostics["lejepa_loss"] > 0
+    assert (run / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "evaluation.md").read_text()
+    assert "raw pixels (logistic regression)" in report and "evaluation.png" in report
+    assert len(list((run / "eval").glob("features-*.safetensors"))) == 2
+
+
+def test_retry_reads_features_from_the_cache(
+    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    def recompute(*args: object, **kwargs: object) -> None:
+        raise AssertionError("features were recomputed despite the cache")
+
+    monkeypatch.setattr(evaluate, "extract_features", recompute)
+    again = evaluate.run_evaluate(load_config(digits_run))
+    assert again.linear_probe_top1 == evaluated["linear_probe_top1"]
+    assert again.baselines == evaluated["baselines"]
+    assert sum("cache" in note for note in again.notes) == 2
+
+
+def test_unlabelled_data_skips_probes_but_not_diagnostics(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    cfg = load_config(
+        _config(tmp_path, {"source": "imagefolder", "path": str(images), "test_fraction": 0.25})
+    )
+    write_shards(cfg, progress=False)
+    _export_tiny_encoder(cfg, with_projector=False)
+
+    summary = evaluate.run_evaluate(cfg)
+    assert summary.linear_probe_top1 is None and summary.knn_top1 is None
+    assert summary.baselines == {"random_init": None, "raw_pixels": None}
+    assert any("probes skipped" in note for note in summary.notes)
+    assert any("LeJEPA loss diagnostic skipped" in note for note in summary.notes)
+    metrics = json.loads(Path(summary.metrics).read_text())
+    assert metrics["diagnostics"]["rankme"] >= 1.0 and "lejepa_loss" not in metrics["diagnostics"]
+
+
+def test_missing_encoder_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert evaluate.cli(["--set", f"storage.root={tmp_path}", "--set", "pretrain.run_name=nothing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no exported encoder in ")

@@ -1,0 +1,140 @@
+"""The publish stage: releases load back exactly, the gate keeps the better model, a crash exposes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lejepa.config import PipelineConfig, load_config
+from lejepa.evaluate import sha256_of
+from lejepa.export import encoder_description, export_encoder, load_encoder
+from lejepa.model import create_backbone
+from lejepa.publish import CRASH_AFTER_ENV, LATEST, RELEASE, cli, read_latest, run_publish, verify_release
+from lejepa.storage import Storage
+
+SECRET = "do-not-leak-this-secret"
+
+
+def _evaluated_run(tmp_path: Path, top1: float | None, seed: int, run: str = "tiny") -> PipelineConfig:
+    """An exported resnet10t (untrained, `seed`) and a metrics.json claiming linear-probe `top1`."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(tmp_path / "store"), "secret_access_key": SECRET},
+                "pretrain": {"run_name": run},
+                "publish": {"name": "fmnist", "min_top1": 0.5},
+            }
+        )
+    )
+    cfg = load_config(config)
+    storage = Storage.from_config(cfg.storage)
+    run_url = storage.url("runs", run)
+    torch.manual_seed(seed)
+    backbone = create_backbone("resnet10t", in_chans=1)
+    description = encoder_description("resnet10t", {}, 1, 16, False, 512, [0.3], [0.3])
+    export_encoder(backbone, description, storage, run_url)
+    storage.write_json(f"{run_url}/config.json", {"storage": {"secret_access_key": SECRET}, "seed": seed})
+    storage.write_json(
+        f"{run_url}/metrics.json",
+        {
+            "run": run_url,
+            "encoder": {
+                "url": run_url,
+                "sha256": sha256_of(storage, f"{run_url}/encoder.safetensors"),
+                "description": description,
+            },
+            "dataset": {
+                "name": "fashion-mnist",
+                "version": "v-test",
+                "manifest": "m.json",
+                "fingerprint": "f",
+                "splits": {"test": {"split": "test", "num_samples": 10}},
+            },
+            "linear_probe_top1": top1,
+            "knn_top1": top1,
+            "models": {"encoder": {"linear_probe_top1": top1}, "raw_pixels": {"linear_probe_top1": 0.5}},
+            "protocol": {"linear_probe": "test"},
+            "notes": [],
+        },
+    )
+    return cfg
+
+
+def _models(cfg: PipelineConfig) -> Storage:
+    return Storage.from_config(cfg.storage)
+
+
+def test_publish_then_load_gives_identical_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = _evaluated_run(tmp_path, top1=0.9, seed=0)
+    config = tmp_path / "config.yaml"
+    assert cli(["--config", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"model_uri", "version", "promoted", "reason"} and summary["promoted"]
+    storage = _models(cfg)
+    assert read_latest(storage, "fmnist")["model_uri"] == summary["model_uri"]
+
+    release = verify_release(storage, summary["model_uri"])
+    assert set(release["files"]) == {"encoder.safetensors", "encoder.json", "metrics.json", "README.md"}
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    published = load_encoder(summary["model_uri"])(images)
+    original = load_encoder(storage.url("runs", "tiny"))(images)
+    assert torch.equal(published, original)
+
+    card = Path(summary["model_uri"], "README.md").read_text()
+    assert f'load_encoder("{summary["model_uri"]}")' in card and "fashion-mnist" in card
+    for path in Path(summary["model_uri"]).iterdir():
+        assert SECRET not in path.read_bytes().decode(errors="ignore"), path
+
+
+def test_gate_refuses_a_worse_model_and_keeps_the_better_latest(tmp_path: Path) -> None:
+    good = run_publish(_evaluated_run(tmp_path, top1=0.9, seed=0))
+    worse_cfg = _evaluated_run(tmp_path, top1=0.8, seed=1)
+    worse = run_publish(worse_cfg)
+    storage = _models(worse_cfg)
+    assert good.promoted and not worse.promoted and "worse than latest" in worse.reason
+    assert read_latest(storage, "fmnist")["version"] == good.version
+    kept = verify_release(storage, worse.model_uri)  # the rejected release stays, marked and explained
+    assert kept["promoted"] is False and kept["reason"] == worse.reason
+
+    below = run_publish(_evaluated_run(tmp_path, top1=0.4, seed=2))
+    assert not below.promoted and "below publish.min_top1" in below.reason
+    forced = run_publish(worse_cfg, force=True)
+    assert forced.promoted and read_latest(storage, "fmnist")["version"] == forced.version
+
+
+def test_interrupted_publish_leaves_latest_on_the_previous_release(tmp_path: Path) -> None:
+    first = run_publish(_evaluated_run(tmp_path, top1=0.9, seed=0))
+    cfg = _evaluated_run(tmp_path, top1=0.95, seed=1)
+    env = {**os.environ, CRASH_AFTER_ENV: "2"}  # SIGKILL right after the second release file is written
+    result = subprocess.run(
+        [sys.executable, "-m", "lejepa.publish", "--config", str(tmp_path / "config.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -9, result.stderr
+    storage = _models(cfg)
+    assert read_latest(storage, "fmnist")["version"] == first.version
+    verify_release(storage, first.model_uri)
+    partial = [
+        p for p in Path(storage.url("models", "fmnist")).iterdir() if p.is_dir() and p.name != first.version
+    ]
+    assert len(partial) == 1 and not (partial[0] / RELEASE).exists()
+    assert not (Path(storage.url("models", "fmnist")) / f".{LATEST}").exists()
+
+
+def test_unevaluated_run_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = _evaluated_run(tmp_path, top1=0.9, seed=0)
+    Path(_models(cfg).url("runs", "tiny", "metrics.json")).unlink()
+    assert cli(["--config", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `lejepa-pipeline evaluate` first" in err[0]
