@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "demo": ("lejepa.minimal", "a short LeJEPA training run on Fashion-MNIST on the CPU (no set-up needed)"),
     "shard": ("lejepa.shard", "write an image source as WebDataset shards with a manifest"),
     "pretrain": ("lejepa.pretrain", "train an encoder with LeJEPA and DeepSpeed, one process to many nodes"),
+    "evaluate": ("lejepa.evaluate", "linear probe, kNN and label-free diagnostics of a run, with baselines"),
+    "publish": ("lejepa.publish", "release a run's evaluated encoder; `latest` moves only past the gate"),
 }
 
 

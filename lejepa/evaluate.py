@@ -158,6 +158,46 @@ def heldout_lejepa_loss(
     return {"lejepa_loss": total, "lejepa_prediction": prediction, "lejepa_sigreg": regulariser}
 
 
+def heldout_losses(
+    cfg: PipelineConfig,
+    storage: Storage,
+    run_url: str,
+    manifest: ShardManifest,
+    split: str,
+    encoders: dict[str, FrozenEncoder],
+) -> dict[str, dict[str, float]] | None:
+    """The held-out LeJEPA loss of each encoder with the run's projector (the random-init encoder gets a
+    random one, as the same architecture at initialisation); None when the run exported no projector."""
+    projector_url = f"{run_url}/{PROJECTOR}"
+    description = encoders[ENCODER].description
+    if "projector" not in description or not storage.exists(projector_url):
+        return None
+    e = cfg.evaluate
+    heldout = _first_images(manifest, storage, split, e.diagnostic_samples, e.batch_size)
+    views = MultiCropViews.from_config(
+        cfg.views, manifest.image_size, description["in_chans"], description["mean"], description["std"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.get_file(projector_url, Path(tmp) / PROJECTOR)
+        projector_state = load_file(str(Path(tmp) / PROJECTOR))
+    losses = {}
+    for name, frozen in encoders.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = _full_encoder(frozen, projector_state if name == ENCODER else None)
+        losses[name] = heldout_lejepa_loss(model, heldout, views, cfg, cfg.pretrain.batch_size)
+    return losses
+
+
+def _first_images(manifest: ShardManifest, storage: Storage, split: str, n: int, batch_size: int) -> Tensor:
+    images: list[Tensor] = []
+    for batch, _ in eval_loader(manifest, storage, split, batch_size=batch_size):
+        images.append(batch)
+        if sum(len(b) for b in images) >= n:
+            break
+    return torch.cat(images)[:n]
+
+
 def embedding_diagnostics(embeddings: Tensor, cfg: PipelineConfig) -> dict[str, float]:
     return {
         "rankme": effective_rank(embeddings),
@@ -307,32 +347,18 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             scores.update(embedding_diagnostics(test[: e.diagnostic_samples], cfg))
         results[name] = scores
     if not labelled:
-        notes.append("unlabelled data: probes skipped (linear probe, kNN); the label-free diagnostics still ran")
-
-    projector_url = f"{run_url}/{PROJECTOR}"
-    if "projector" in description and storage.exists(projector_url):
-        heldout = _first_images(manifest, storage, test_split, e.diagnostic_samples, e.batch_size)
-        views = MultiCropViews.from_config(
-            cfg.views,
-            manifest.image_size,
-            description["in_chans"],
-            description["mean"],
-            description["std"],
+        notes.append(
+            "unlabelled data: probes skipped (linear probe, kNN); the label-free diagnostics still ran"
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.get_file(projector_url, Path(tmp) / PROJECTOR)
-            projector_state = load_file(str(Path(tmp) / PROJECTOR))
-        models = {ENCODER: _full_encoder(encoder, projector_state)}
-        if e.baselines:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                models[RANDOM_INIT] = _full_encoder(random_encoder, None)
-        for name, model in models.items():
-            results[name].update(heldout_lejepa_loss(model, heldout, views, cfg, cfg.pretrain.batch_size))
-    else:
+
+    networks = {ENCODER: encoder, RANDOM_INIT: random_encoder} if e.baselines else {ENCODER: encoder}
+    losses = heldout_losses(cfg, storage, run_url, manifest, test_split, networks)
+    if losses is None:
         notes.append(
             f"LeJEPA loss diagnostic skipped: the run has no {PROJECTOR} (exported before projectors were)"
         )
+    for name, values in (losses or {}).items():
+        results[name].update(values)
 
     ours = results[ENCODER]
     metrics = {
@@ -382,15 +408,6 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         figure=figure_url,
         notes=notes,
     )
-
-
-def _first_images(manifest: ShardManifest, storage: Storage, split: str, n: int, batch_size: int) -> Tensor:
-    images: list[Tensor] = []
-    for batch, _ in eval_loader(manifest, storage, split, batch_size=batch_size):
-        images.append(batch)
-        if sum(len(b) for b in images) >= n:
-            break
-    return torch.cat(images)[:n]
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def load_encoder(
         description = json.loads(storage.read_bytes(f"{folder}/{DESCRIPTION}"))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"no exported encoder at {folder}: expected {DESCRIPTION} there (a finished pretrain run or a release)"
+            f"no exported encoder at {folder}: expected {DESCRIPTION} from a finished run or a release"
         ) from None
     backbone = create_backbone(
         description["backbone"],

@@ -22,13 +22,19 @@ from lejepa.storage import Storage
 SECRET = "do-not-leak-this-secret"
 
 
-def _evaluated_run(tmp_path: Path, top1: float | None, seed: int, run: str = "tiny") -> PipelineConfig:
+def _evaluated_run(
+    tmp_path: Path, top1: float | None, seed: int, run: str = "tiny", root: str | None = None
+) -> PipelineConfig:
     """An exported resnet10t (untrained, `seed`) and a metrics.json claiming linear-probe `top1`."""
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "storage": {"root": str(tmp_path / "store"), "secret_access_key": SECRET},
+                "storage": {
+                    "root": root or str(tmp_path / "store"),
+                    "access_key_id": "testing",
+                    "secret_access_key": SECRET,
+                },
                 "pretrain": {"run_name": run},
                 "publish": {"name": "fmnist", "min_top1": 0.5},
             }
@@ -138,3 +144,15 @@ def test_unevaluated_run_is_one_error_line(tmp_path: Path, capsys: pytest.Captur
     assert cli(["--config", str(tmp_path / "config.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run `lejepa-pipeline evaluate` first" in err[0]
+
+
+def test_publish_to_s3_and_load_back(tmp_path: Path, bucket: str) -> None:
+    cfg = _evaluated_run(tmp_path, top1=0.9, seed=0, root=f"s3://{bucket}/store")
+    summary = run_publish(cfg)
+    storage = _models(cfg)
+    assert summary.promoted and summary.model_uri.startswith(f"s3://{bucket}/store/models/fmnist/v")
+    assert read_latest(storage, "fmnist")["model_uri"] == summary.model_uri
+    verify_release(storage, summary.model_uri)
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    published = load_encoder(summary.model_uri, storage)(images)
+    assert torch.equal(published, load_encoder(storage.url("runs", "tiny"), storage)(images))

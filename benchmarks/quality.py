@@ -1,0 +1,120 @@
+"""Quality benchmark, the headline number: shard -> pretrain -> evaluate on Fashion-MNIST on this CPU.
+
+    .venv/bin/python benchmarks/quality.py [--root DIR] [--budget-min 15] [--set key=value ...]
+
+Pretraining gets a wall-clock budget (15 minutes by default): a short calibration run measures the seconds
+per step of these settings on this machine, and the real run trains for as many steps as fit in the
+budget (the cosine schedule spans exactly those steps). Then the evaluate stage scores the encoder beside
+the same architecture at random initialisation and logistic regression on raw pixels, on the same splits.
+
+Target: linear-probe top-1 >= 88% and >= raw pixels + 3 points. Prints the table, then a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from lejepa.config import PipelineConfig, load_config
+from lejepa.evaluate import run_evaluate
+from lejepa.pretrain import run_pretrain
+from lejepa.shard import write_shards
+from lejepa.storage import Storage
+
+# CPU settings: a stock ResNet-18 (its 4x stem keeps it cheap) on 32 px global and 16 px local views, the
+# configuration ENVIRONMENT.md times at ~0.43 s a step on 2 idle cores, i.e. ~2000 steps (~4.5 epochs) in
+# 15 minutes. A CIFAR-style stem (model.small_input=true) at 28 px costs ~10x more per step on this CPU.
+SETTINGS = [
+    "data.source=fashion-mnist",
+    "model.backbone=resnet18",
+    "model.small_input=false",
+    "views.global_views=2",
+    "views.local_views=4",
+    "views.global_size=32",
+    "views.local_size=16",
+    "pretrain.batch_size=128",
+    "pretrain.lr=2e-3",
+    "loss.lamb=0.05",
+    "loss.num_slices=512",
+    "launch.nproc_per_node=1",
+    "pretrain.checkpoint_every=500",
+]
+TARGET_TOP1, TARGET_MARGIN = 0.88, 0.03
+
+
+def _config(root: str, run_name: str, extra: list[str]) -> tuple[PipelineConfig, list[str]]:
+    overrides = [f"storage.root={root}", *SETTINGS, f"pretrain.run_name={run_name}", *extra]
+    return load_config(None, overrides), [a for o in overrides for a in ("--set", o)]
+
+
+def seconds_per_step(root: str, extra: list[str], steps: int = 10) -> float:
+    """Median step time of a short throwaway run with the benchmark's settings (skipping warm-up steps)."""
+    name = f"quality-calibrate-{int(time.time())}"
+    cfg, args = _config(root, name, [*extra, f"pretrain.max_steps={steps}", "pretrain.online_probe=false"])
+    run_pretrain(cfg, args)
+    storage = Storage.from_config(cfg.storage)
+    records = [
+        json.loads(line)
+        for line in storage.read_bytes(f"runs/{name}/metrics.jsonl").decode().splitlines()
+        if line
+    ]
+    rates = [r["images_per_s"] for r in records[steps // 3 :]]
+    storage.rm(f"runs/{name}", recursive=True)
+    return cfg.pretrain.batch_size / statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="./lejepa-store", help="storage root (default ./lejepa-store)")
+    parser.add_argument("--budget-min", type=float, default=15.0, help="pretraining wall-clock budget")
+    parser.add_argument("--run-name", default="quality")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    cfg, _ = _config(args.root, args.run_name, args.set)
+    print(f"[quality] shard: {json.dumps(write_shards(cfg).model_dump(mode='json'))}", flush=True)
+    step_s = seconds_per_step(args.root, args.set)
+    # Keep 5% of the budget for start-up, checkpoints and the encoder export.
+    steps = max(1, int(args.budget_min * 60 * 0.95 / step_s))
+    print(
+        f"[quality] {step_s:.2f} s/step here: pretraining {steps} steps in {args.budget_min} min", flush=True
+    )
+    cfg, program_args = _config(args.root, args.run_name, [*args.set, f"pretrain.max_steps={steps}"])
+    tick = time.perf_counter()
+    run_pretrain(cfg, program_args)
+    pretrain_min = (time.perf_counter() - tick) / 60
+    summary = run_evaluate(cfg)
+    metrics = json.loads(Storage.from_config(cfg.storage).read_bytes(summary.metrics))
+
+    rows = {"LeJEPA encoder": "encoder", "random init": "random_init", "raw pixels": "raw_pixels"}
+    print("\n| model | linear probe top-1 | kNN top-1 |\n|---|---|---|")
+    for label, key in rows.items():
+        m = metrics["models"][key]
+        print(f"| {label} | {100 * m['linear_probe_top1']:.2f}% | {100 * m['knn_top1']:.2f}% |")
+    ours, pixels = summary.linear_probe_top1 or 0.0, summary.baselines["raw_pixels"] or 0.0
+    met = ours >= TARGET_TOP1 and ours >= pixels + TARGET_MARGIN
+    print(
+        f"\ntarget (>= {100 * TARGET_TOP1:.0f}% and >= raw pixels + {100 * TARGET_MARGIN:.0f} points): "
+        f"{'met' if met else 'NOT met'}; pretraining {pretrain_min:.1f} min, {steps} steps",
+        flush=True,
+    )
+    result = {
+        "linear_probe_top1": summary.linear_probe_top1,
+        "knn_top1": summary.knn_top1,
+        "baselines": {key: metrics["models"][key] for key in ("random_init", "raw_pixels")},
+        "target_met": met,
+        "pretrain_steps": steps,
+        "pretrain_minutes": round(pretrain_min, 2),
+        "total_minutes": round((time.perf_counter() - started) / 60, 2),
+        "metrics": summary.metrics,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

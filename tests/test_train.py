@@ -1,0 +1,160 @@
+"""The pretrain stage for real: DeepSpeed ranks as separate processes talking over gloo on the CPU.
+
+Every test launches `lejepa.train` through `lejepa.launch` on a small digits dataset and checks what the
+run left in storage: the metrics log, the checkpoints, the exported encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lejepa
+from lejepa.config import load_config
+from lejepa.launch import free_port
+from lejepa.pretrain import PretrainFailed, run_pretrain
+from lejepa.shard import write_shards
+
+# Small enough for two ranks on two cores: a few seconds a step, losses still clearly falling.
+BASE = {
+    "data": {"source": "digits"},
+    "model": {"backbone": "resnet10t", "proj_hidden_dim": 256, "proj_dim": 64},
+    "views": {"local_views": 2},
+    "loss": {"num_slices": 128},
+    "pretrain": {"batch_size": 32, "max_steps": 12, "checkpoint_every": 4, "num_workers": 1, "lr": 2e-3},
+    "launch": {"nproc_per_node": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    write_shards(load_config(None, [f"storage.root={root}", "data.source=digits"]), progress=False)
+    return root
+
+
+def write_config(path: Path, store: Path, run_name: str, **sections: dict) -> Path:
+    tree = json.loads(json.dumps(BASE))
+    tree["storage"] = {"root": str(store)}
+    tree["pretrain"]["run_name"] = run_name
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def pretrain(config: Path, *overrides: str) -> dict:
+    args = ["--config", str(config)] + [a for o in overrides for a in ("--set", o)]
+    return run_pretrain(load_config(config, list(overrides)), args)
+
+
+def metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir, "encoder.safetensors")))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_lower_the_loss(tmp_path: Path, store: Path, zero_stage: int) -> None:
+    config = write_config(
+        tmp_path / "cfg.yaml", store, f"zero{zero_stage}", pretrain={"zero_stage": zero_stage}
+    )
+    summary = pretrain(config)
+
+    assert summary["steps"] == 12
+    log = metrics(summary["run_dir"])
+    assert [r["step"] for r in log] == list(range(1, 13))
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first, f"ZeRO-{zero_stage}: loss went from {first:.4f} to {last:.4f}"
+    assert all(0.0 <= r["data_wait"] <= 1.0 and r["images_per_s"] > 0 for r in log)
+    assert "probe_acc" in log[-1]  # digits are labelled: the online probe runs
+    # The exported backbone loads without DeepSpeed and embeds images.
+    encoder = lejepa.load_encoder(summary["encoder"])
+    embeddings = encoder(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8))
+    assert embeddings.shape == (5, encoder.embed_dim) and torch.isfinite(embeddings).all()
+
+
+def test_two_launcher_agents_as_two_nodes_train_together(tmp_path: Path, store: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    node = {
+        "mode": "hostfile",
+        "hostfile": str(hostfile),
+        "no_ssh": True,
+        "master_addr": "127.0.0.1",
+        "master_port": free_port(),
+        "launcher": "deepspeed",
+    }
+    configs = [
+        write_config(
+            tmp_path / f"node{rank}.yaml",
+            store,
+            "two-nodes",
+            launch={**node, "node_rank": rank},
+            pretrain={"max_steps": 4},
+        )
+        for rank in (0, 1)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        summaries = list(pool.map(pretrain, configs))
+    assert summaries[0] == summaries[1] and summaries[0]["steps"] == 4
+    assert [r["step"] for r in metrics(summaries[0]["run_dir"])] == [1, 2, 3, 4]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, store: Path) -> None:
+    reference = pretrain(write_config(tmp_path / "ref.yaml", store, "uninterrupted"))
+
+    config = write_config(tmp_path / "cfg.yaml", store, "killed")
+    marker = store / "runs" / "killed" / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lejepa.pretrain", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (marker.exists() and json.loads(marker.read_text())["step"] >= 4):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
+        proc.wait()
+    killed_at = json.loads(marker.read_text())["step"]
+    assert killed_at < 12
+
+    resumed = pretrain(config)
+    assert resumed["steps"] == reference["steps"] == 12
+    assert [r["step"] for r in metrics(resumed["run_dir"])] == list(range(1, 13))
+    expected, actual = weights(reference["run_dir"]), weights(resumed["run_dir"])
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", store, "diverges", pretrain={"checkpoint_every": 1})
+    # An absurd learning rate turns the weights to inf after the first update: step 2's loss is NaN.
+    with pytest.raises(PretrainFailed):
+        pretrain(config, "pretrain.lr=1e30", "pretrain.grad_clip=0")
+    err = capsys.readouterr().err
+    assert "loss is nan at step 2" in err and "stays the latest" in err, err[-2000:]
+    marker = store / "runs" / "diverges" / "checkpoints" / "latest.json"
+    assert json.loads(marker.read_text())["step"] == 1
+    assert not (store / "runs" / "diverges" / "encoder.json").exists()
