@@ -346,8 +346,8 @@ class GroupResult:
     rejected: list[RejectedSample]
     sizes: Counter
     modes: Counter
-    pixel_sums: dict[int, np.ndarray]
-    """channels -> [count of pixels, sum per channel, sum of squares per channel] of 0..255 pixels."""
+    histograms: dict[int, np.ndarray]
+    """channels -> (channels, 256) counts of each pixel value, per channel (exact, cheap statistics)."""
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -411,7 +411,18 @@ def _decoded(payload: Payload, level: int, target_mode: str) -> tuple[bytes, str
 
 
 def write_shard_group(plan: ShardPlan, index: int) -> GroupResult:
-    """Read, validate and write group `index` as one shard; unreadable samples are counted, not fatal."""
+    """Read, validate and write group `index` as one shard; unreadable samples are counted, not fatal.
+
+    Independent of every other group (one task each in the orchestrated pipeline). A group without a
+    single valid image writes nothing and returns `entry=None`.
+    """
+    try:
+        return _write_group(plan, index)
+    except _EmptyGroup as empty:
+        return empty.result
+
+
+def _write_group(plan: ShardPlan, index: int) -> GroupResult:
     group = plan.groups[index]
     url = posixpath.join(plan.dataset_url, group.name)
     numbers = {item: n for n, item in group.items}
@@ -438,9 +449,10 @@ def write_shard_group(plan: ShardPlan, index: int) -> GroupResult:
             count += 1
             result.sizes[f"{h}x{w}"] += 1
             result.modes[mode] += 1
-            flat = pixels.reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[2]).astype(np.int64)
-            acc = result.pixel_sums.setdefault(flat.shape[1], np.zeros((3, flat.shape[1]), dtype=np.int64))
-            acc += [np.full(flat.shape[1], len(flat)), flat.sum(0), np.square(flat).sum(0)]
+            channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+            hist = result.histograms.setdefault(channels, np.zeros((channels, 256), dtype=np.int64))
+            for c in range(channels):
+                hist[c] += np.bincount(pixels.reshape(-1, channels)[:, c], minlength=256)
         out.write(b"\0" * 1024)  # end-of-archive marker
         if count == 0:  # nothing valid: leave no empty shard behind
             raise _EmptyGroup(result)
@@ -455,13 +467,6 @@ class _EmptyGroup(Exception):
         self.result = result
 
 
-def _write_group_or_empty(plan: ShardPlan, index: int) -> GroupResult:
-    try:
-        return write_shard_group(plan, index)
-    except _EmptyGroup as empty:
-        return empty.result
-
-
 # A process pool gets the plan once per worker (it can list 100k items), then only group numbers.
 _WORKER_PLAN: ShardPlan | None = None
 
@@ -473,7 +478,7 @@ def _init_worker(plan: ShardPlan) -> None:
 
 def _run_in_worker(index: int) -> tuple[int, GroupResult]:
     assert _WORKER_PLAN is not None
-    return index, _write_group_or_empty(_WORKER_PLAN, index)
+    return index, write_shard_group(_WORKER_PLAN, index)
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -482,23 +487,25 @@ def _run_in_worker(index: int) -> tuple[int, GroupResult]:
 def _image_stats(cfg: PipelineConfig, plan: ShardPlan, results: Sequence[GroupResult]) -> ImageStats:
     sizes, modes = Counter(), Counter()
     train_sizes = Counter()
-    sums: dict[int, np.ndarray] = {}
+    histograms: dict[int, np.ndarray] = {}
     for group, r in zip(plan.groups, results, strict=True):
         sizes += r.sizes
         modes += r.modes
         if group.split == "train" or not any(g.split == "train" for g in plan.groups):
             train_sizes += r.sizes
-            for c, acc in r.pixel_sums.items():
-                sums[c] = sums.get(c, 0) + acc
+            for c, hist in r.histograms.items():
+                histograms[c] = histograms.get(c, 0) + hist
     mode = cfg.data.mode
     if mode == "auto":
         mode = "RGB" if any(m in COLOUR_MODES for m in modes) else "L"
     channels = 1 if mode == "L" else 3
-    total = np.zeros((3, channels))
-    for c, acc in sums.items():  # grey images count as R = G = B in an RGB dataset
-        total += acc if c == channels else np.repeat(acc, channels, axis=1)
-    mean = total[1] / np.maximum(total[0], 1) / 255
-    std = np.sqrt(np.maximum(total[2] / np.maximum(total[0], 1) / 255**2 - mean**2, 0))
+    hist = np.zeros((channels, 256))
+    for c, h in histograms.items():  # grey images count as R = G = B in an RGB dataset
+        hist += h if c == channels else np.repeat(h, channels, axis=0)
+    values = np.arange(256) / 255
+    count = np.maximum(hist.sum(1), 1)
+    mean = hist @ values / count
+    std = np.sqrt(np.maximum(hist @ values**2 / count - mean**2, 0))
     if cfg.data.image_size:
         size = (cfg.data.image_size, cfg.data.image_size)
     else:
@@ -567,7 +574,7 @@ def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResu
     with bar:
         if workers <= 1:
             for i in range(len(plan.groups)):
-                finished(i, _write_group_or_empty(plan, i))
+                finished(i, write_shard_group(plan, i))
         else:
             # spawn: s3fs keeps threads and sockets that a forked child must not inherit.
             ctx = multiprocessing.get_context("spawn")
@@ -598,6 +605,17 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
 
     workers = min(cfg.shard.workers or os.cpu_count() or 1, len(plan.groups))
     results = _run_groups(plan, workers, progress)
+    return commit_manifest(cfg, plan, results, seconds=time.perf_counter() - start)
+
+
+def commit_manifest(
+    cfg: PipelineConfig, plan: ShardPlan, results: Sequence[GroupResult], seconds: float = 0.0
+) -> ShardSummary:
+    """Write manifest.json (the commit point) from every group's result, then the `latest` pointer.
+
+    Raises DataError when no group wrote a valid image; nothing is committed then.
+    """
+    storage = plan.storage
     shards = [r.entry for r in results if r.entry is not None]
     rejected = [RejectedSample(id=r.id, reason=r.reason) for r in plan.listing_rejects]
     rejected += [x for r in results for x in r.rejected]
@@ -634,7 +652,7 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
     return _summary(
         manifest,
         up_to_date=False,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         images=sum(s.num_samples for s in shards),
     )
 

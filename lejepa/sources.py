@@ -149,8 +149,9 @@ class FashionMNIST(Source):
         return list(FASHION_MNIST_CLASSES)
 
     def read(self, items: Sequence[Item]) -> Iterator[tuple[Item, Payload]]:
+        images = {split: _read_idx(self._file(split, "images-idx3")) for split in {i.split for i in items}}
         for item in items:
-            yield item, _read_idx(self._file(item.split, "images-idx3"))[item.ref]
+            yield item, images[item.split][item.ref]
 
 
 # -- digits --------------------------------------------------------------------------------------------
@@ -263,19 +264,60 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+
+
+def _tar_members(fileobj: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of a tar stream, with GNU long names and pax paths.
+
+    A small reader instead of tarfile, whose per-member cost exceeds decoding a small PNG.
+    """
+    long_name = None
+    while True:
+        header = fileobj.read(512)
+        if len(header) < 512 or header == bytes(512):
+            if header and header != bytes(512):
+                raise tarfile.ReadError("truncated tar header")
+            return
+        checksum = sum(header[:148]) + 256 + sum(header[156:])
+        if checksum != _tar_number(header[148:156]):
+            raise tarfile.ReadError("bad tar header checksum")
+        size, kind = _tar_number(header[124:136]), header[156:157]
+        data = fileobj.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError("truncated tar member")
+        fileobj.read(-size % 512)
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode()
+        elif kind == b"x":
+            for record in data.decode().splitlines():
+                field = record.split(" ", 1)[-1]
+                if field.startswith("path="):
+                    long_name = field[5:]
+        elif kind in (b"0", b"\0", b"7"):
+            name = header[:100].rstrip(b"\0").decode()
+            prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+            yield long_name or (f"{prefix}/{name}" if prefix else name), data
+            long_name = None
+        else:  # directories, links, global pax headers
+            long_name = None
+
+
 def iter_tar_samples(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar stream, members grouped by consecutive key."""
     key, sample = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or posixpath.basename(member.name).startswith("__"):
-                continue
-            k, ext = _split_member(member.name)
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
+    for name, data in _tar_members(fileobj):
+        if posixpath.basename(name).startswith("__"):
+            continue
+        k, ext = _split_member(name)
+        if k != key and sample:
+            yield key, sample
+            sample = {}
+        key = k
+        sample[ext] = data
     if sample:
         yield key, sample
 

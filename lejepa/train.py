@@ -194,6 +194,42 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class Progress:
+    """A progress bar on a terminal; through a launcher's pipes, a plain line every `log_every` steps."""
+
+    def __init__(self, total: int, initial: int, log_every: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.total, self.log_every = total, log_every
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step", file=sys.stderr)
+        self.bar.disable = not (enabled and sys.stderr.isatty())
+
+    def update(self, record: dict[str, Any]) -> None:
+        self.bar.update(1)
+        if record["step"] % self.log_every and record["step"] != self.total:
+            return
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if self.enabled and self.bar.disable:
+            parts = [
+                f"step {record['step']}/{self.total}",
+                f"loss {record['loss']:.4f}",
+                f"prediction {record['prediction']:.4f}",
+                f"sigreg {record['sigreg']:.4f}",
+            ]
+            if "probe_acc" in record:
+                parts.append(f"probe acc {record['probe_acc']:.3f}")
+            parts += [
+                f"lr {record['lr']:.2e}",
+                f"{record['images_per_s']:.0f} img/s",
+                f"data wait {100 * record['data_wait']:.1f}%",
+            ]
+            print("[pretrain] " + "  ".join(parts), flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class MetricsLog:
     """Rank 0's per-step JSON lines, kept locally and copied to the run folder at every checkpoint."""
 
@@ -222,7 +258,6 @@ class MetricsLog:
 def train(cfg: PipelineConfig) -> TrainSummary:
     """Train on every rank of the current launch; rank 0 returns the summary (others return it too)."""
     import deepspeed
-    from tqdm import tqdm
 
     rank, world, device = init_distributed()
     p = cfg.pretrain
@@ -330,9 +365,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         return tag
 
     batches = iter(stream)
-    progress = tqdm(
-        total=total_steps, initial=step, disable=rank != 0, desc="pretrain", unit="step", file=sys.stderr
-    )
+    progress = Progress(total_steps, step, p.log_every, enabled=rank == 0)
     tag = checkpoints.latest()["tag"] if step else ""
     final_loss = float("nan")
     while step < total_steps:
@@ -356,6 +389,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             dist.all_reduce(reduced)
             reduced /= world
             if not torch.isfinite(reduced).all():
+                progress.close()
                 raise TrainingDiverged(
                     f"loss is {reduced[0].item()} at step {step + 1}: lower pretrain.lr or raise loss.lamb; "
                     f"the last good checkpoint ({tag or 'none'}) stays the latest"
@@ -384,9 +418,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             if probe is not None:
                 record.update(probe_loss=means[3], probe_acc=means[4])
             metrics.append(record)
-            progress.update(1)
-            if step % p.log_every == 0:
-                progress.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            progress.update(record)
         if step % p.checkpoint_every == 0 or step == total_steps:
             tag = save_checkpoint()
     progress.close()

@@ -44,17 +44,17 @@ def test_statistic_matches_the_formula_written_out():
     assert reference_sliced_epps_pulley(z, directions).item() == pytest.approx(expected, rel=1e-12)
 
 
-N_LARGE, DIM = 4096, 16
+N_LARGE, DIM = 4096, 64
 # Under the null, E|exp(itx) - phi(t)|^2 = 1 - phi(t)^2, so the statistic's mean is
-# integral (1 - exp(-t^2)) exp(-t^2/2) dt over [-3, 3], about 1.06, whatever N: "near zero"
-# means O(1), while a fixed departure from N(0, 1) grows like N.
-NULL_MEAN = 1.06
+# integral (1 - exp(-t^2)) exp(-t^2/2) dt over [-3, 3] (1.05 with the 17-knot quadrature),
+# whatever N: "near zero" means O(1), while a fixed departure from N(0, 1) grows like N.
+NULL_MEAN = 1.05
 
 
 def test_statistic_is_order_one_for_gaussian_samples():
     z = torch.randn(N_LARGE, DIM, generator=torch.Generator().manual_seed(0))
     value = sliced_epps_pulley(z, unit_directions(DIM, 256, seed=1)).item()
-    assert 0.7 * NULL_MEAN < value < 1.3 * NULL_MEAN
+    assert 0.6 * NULL_MEAN < value < 1.5 * NULL_MEAN
 
 
 def _non_gaussian(kind: str) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _non_gaussian(kind: str) -> torch.Tensor:
 def test_statistic_is_large_for_non_gaussian_samples(kind):
     z = _non_gaussian(kind)
     value = sliced_epps_pulley(z, unit_directions(z.shape[1], 256, seed=1)).item()
-    assert value > 20 * NULL_MEAN
+    assert value > 15 * NULL_MEAN
 
 
 def test_collapsed_batch_has_the_closed_form_value():
