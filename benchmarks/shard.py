@@ -135,9 +135,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="per-split sample limit (default: all 70k)")
     parser.add_argument("--steps", type=int, default=30, help="loader batches to time")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each sharding method; the best counts")
     args = parser.parse_args()
     results: dict[str, float] = {}
     limit = [f"data.limit={args.limit}"] if args.limit else []
+    manifest_url = ""
     with tempfile.TemporaryDirectory() as tmp, moto_server() as endpoint:
         import boto3
 
@@ -153,11 +155,19 @@ def main() -> None:
         copy_dir = Path(tmp) / "naive-copy"
         copy_dir.mkdir()
 
-        results["naive_local_img_s"] = naive_shard(args.limit, n, lambda p: shutil.copy(p, copy_dir / p.name))
-        results["ours_local_img_s"], manifest_url = our_shard(local)
-        results["naive_s3_img_s"] = naive_shard(args.limit, n, lambda p: s3.put_file(p, f"naive/{p.name}"))
-        results["ours_s3_img_s"], _ = our_shard(remote)
-        for where in ("local", "s3"):
+        copies = {
+            "local": lambda p: shutil.copy(p, copy_dir / p.name),
+            "s3": lambda p: s3.put_file(p, p.name),
+        }
+        # Interleaved and best-of-N: other work on a shared machine slows whichever run it overlaps.
+        for where, cfg in (("local", local), ("s3", remote)):
+            naive, ours = [], []
+            for _ in range(args.repeat):
+                naive.append(naive_shard(args.limit, n, copies[where]))
+                speed, manifest = our_shard(cfg)
+                ours.append(speed)
+                manifest_url = manifest if where == "local" else manifest_url
+            results[f"naive_{where}_img_s"], results[f"ours_{where}_img_s"] = max(naive), max(ours)
             ratio = results[f"ours_{where}_img_s"] / results[f"naive_{where}_img_s"]
             results[f"speedup_{where}"] = ratio
             print(
@@ -167,9 +177,12 @@ def main() -> None:
 
         results["loader_img_s"], results["train_step_img_s"] = loader_speed(local, manifest_url, args.steps)
         results["loader_vs_step"] = results["loader_img_s"] / results["train_step_img_s"]
+        # ENVIRONMENT.md's figure for a lighter step (resnet18, 2x32 + 4x16 px views, batch 128): 0.43 s.
+        results["loader_vs_reference_step"] = results["loader_img_s"] / (128 / 0.43)
         print(
-            f"loader with training views: {results['loader_img_s']:.0f} img/s; default training step "
-            f"consumes {results['train_step_img_s']:.0f} img/s: {results['loader_vs_step']:.1f}x (target 5x)"
+            f"loader with training views: {results['loader_img_s']:.0f} img/s; the default training step "
+            f"{results['train_step_img_s']:.0f} img/s: {results['loader_vs_step']:.1f}x (target 5x); "
+            f"{results['loader_vs_reference_step']:.1f}x the 298 img/s reference"
         )
     print(json.dumps({k: round(v, 2) for k, v in results.items()}))
 

@@ -1,6 +1,6 @@
 """Benchmark SIGReg forward+backward: the straightforward formulation against lejepa.sigreg's.
 
-    python benchmarks/sigreg.py [--reps 7]
+    python benchmarks/sigreg.py [--reps 7] [--threads T]
 
 Both variants compute the same statistic on the same seeded input: z (N, D) with requires_grad,
 K fixed unit-norm directions, 17 knots; one pass is `fn(z, directions).backward()`. The
@@ -18,7 +18,9 @@ pools never flatter or penalise the other:
   its own mapping, returned to the OS on free, and the resident memory follows the live tensors
   (the projection x = z @ directions and its gradient included, for both variants). That setting
   slows allocation, so time is measured in a separate child without it.
-The machine is shared: the 1-minute load average is printed with the table.
+The machine is shared: the 1-minute load average is printed with the table. With other processes
+busy on both cores, torch's 2 intra-op threads wait on each other at every op and times scatter
+widely (worst for code made of many small ops); --threads 1 is steadier on a loaded machine.
 """
 
 from __future__ import annotations
@@ -82,11 +84,12 @@ def measure(metric: str, variant: str, n: int, dim: int, slices: int, reps: int)
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def run_child(metric: str, variant: str, size: tuple[int, int, int], reps: int) -> float:
+def run_child(metric: str, variant: str, size: tuple[int, int, int], reps: int, threads: int) -> float:
     env = dict(os.environ)
     if metric == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    command = [sys.executable, __file__, "--child", metric, variant, *map(str, size), "--reps", str(reps)]
+    command = [sys.executable, __file__, "--child", metric, variant, *map(str, size)]
+    command += ["--reps", str(reps), "--threads", str(threads)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -106,10 +109,12 @@ def relative_errors(size: tuple[int, int, int]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="timed passes per variant and size")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument(
         "--child", nargs=5, metavar=("METRIC", "VARIANT", "N", "D", "K"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         metric, variant, *size = args.child
         print(json.dumps(measure(metric, variant, *map(int, size), reps=args.reps)))
@@ -127,8 +132,8 @@ def main() -> None:
     units = f"{'ms':>8} {'MiB':>9}"
     print(f"{'':>17}| {units} | {units} | {'x':>8} {'ratio':>7} | {'rel':>9} {'rel':>9}")
     for size in SIZES:
-        ms = {v: 1000 * run_child("time", v, size, args.reps) for v in VARIANTS}
-        mib = {v: run_child("memory", v, size, args.reps) for v in VARIANTS}
+        ms = {v: 1000 * run_child("time", v, size, args.reps, args.threads) for v in VARIANTS}
+        mib = {v: run_child("memory", v, size, args.reps, args.threads) for v in VARIANTS}
         value_err, grad_err = relative_errors(size)
         (ref_ms, our_ms), (ref_mib, our_mib) = ms.values(), mib.values()
         print(

@@ -12,9 +12,15 @@ import argparse
 import importlib
 import sys
 
-# command -> (module with a `cli(argv) -> int`, one-line help)
+# command -> (module with a `cli(argv) -> int`, or "module:function", one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "demo": ("lejepa.minimal", "a short LeJEPA training run on Fashion-MNIST on the CPU (no set-up needed)"),
+    "demo": (
+        "flows.run:demo_cli",
+        "the whole pipeline on the defaults (local storage, Fashion-MNIST, CPU, 2 processes)",
+    ),
+    "run": ("flows.run", "the whole Prefect flow on this machine: shard -> pretrain -> evaluate -> publish"),
+    "deploy": ("flows.deploy", "register the deployments (manual, nightly, one per stage) on a work pool"),
+    "minimal": ("lejepa.minimal", "a short LeJEPA training run in one plain PyTorch loop (no set-up needed)"),
     "shard": ("lejepa.shard", "write an image source as WebDataset shards with a manifest"),
     "pretrain": ("lejepa.pretrain", "train an encoder with LeJEPA and DeepSpeed, one process to many nodes"),
     "evaluate": ("lejepa.evaluate", "linear probe, kNN and label-free diagnostics of a run, with baselines"),
@@ -43,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    module = importlib.import_module(STAGES[args.command][0])
-    return module.cli(rest)
+    module_name, _, function = STAGES[args.command][0].partition(":")
+    return getattr(importlib.import_module(module_name), function or "cli")(rest)
 
 
 if __name__ == "__main__":

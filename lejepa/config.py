@@ -100,6 +100,9 @@ class ShardConfig(Section):
 class PretrainConfig(Section):
     run_name: str = "default"
     """The run's folder is {storage.root}/runs/{run_name}; starting a run with the same name resumes it."""
+    init_from: str | None = None
+    """Warm start: a published release or run folder (with encoder.safetensors, and projector.safetensors
+    when present) whose weights initialise a new run; a resumed run loads its checkpoint instead."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to train for; when None, `epochs` sets the budget."""
     epochs: float = Field(1.0, gt=0)
@@ -194,12 +197,17 @@ class EvaluateConfig(Section):
     probe_epochs: int = Field(30, gt=0)
     """Linear-probe epochs over the cached features (30 x 54k x 512 takes ~10-40 s on 2 cores)."""
     probe_batch_size: int = Field(1024, gt=0)
+    """Cached features per linear-probe step."""
     probe_lr: float = Field(2e-3, gt=0)
     """Peak AdamW learning rate of the linear probe (after the warm-up; a cosine decays it to 0)."""
     probe_weight_decay: float = Field(1e-6, ge=0)
+    """AdamW weight decay of the linear probe (the paper's 1e-6)."""
     probe_warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the probe's steps spent in the linear learning-rate warm-up."""
     knn_k: int = Field(20, gt=0)
+    """Neighbours that vote in the kNN classifier (20, as in DINO)."""
     knn_temperature: float = Field(0.07, gt=0)
+    """kNN votes are weighted by exp(cosine similarity / temperature)."""
     baselines: bool = True
     """Also score the same architecture at random initialisation and logistic regression on raw pixels."""
     pixel_size: int = Field(32, gt=0)
@@ -216,6 +224,33 @@ class PublishConfig(Section):
     below the current latest's); `--force` promotes regardless."""
 
 
+class StagePolicy(Section):
+    """How the orchestrator runs one stage's task: retries after a failure, and a time limit."""
+
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0)
+    """Seconds to wait before a retry (a flaky endpoint often needs a moment)."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Fail the attempt after this many seconds (then retry); None: no limit."""
+
+
+class OrchestrationConfig(Section):
+    """Prefect settings of the pipeline's tasks (read by flows/ and tasks/ only)."""
+
+    task_runner: Literal["threads", "dask"] = "threads"
+    """Where the shard groups run: a thread pool here, or a Dask cluster (prefect-dask)."""
+    max_workers: int | None = Field(None, gt=0)
+    """Threads (threads) or local Dask worker processes (dask without an address); None: every core."""
+    dask_address: str | None = None
+    """Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; None starts a local one."""
+    shard: StagePolicy = Field(default_factory=lambda: StagePolicy(retry_delay_s=5))
+    """Applies to each shard group's task (a thread pool cannot interrupt a group: set limits with dask)."""
+    pretrain: StagePolicy = Field(default_factory=lambda: StagePolicy(retry_delay_s=30))
+    """A retried pretrain resumes from its latest checkpoint."""
+    evaluate: StagePolicy = Field(default_factory=StagePolicy)
+    publish: StagePolicy = Field(default_factory=lambda: StagePolicy(retries=3, timeout_s=3600))
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -227,6 +262,7 @@ class PipelineConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     seed: int = 0
 
 

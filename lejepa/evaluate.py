@@ -35,7 +35,14 @@ from lejepa.data import eval_loader
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS, FrozenEncoder, load_encoder
 from lejepa.loss import lejepa_loss
 from lejepa.model import Encoder, create_backbone
-from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
+from lejepa.probes import (
+    effective_rank,
+    knn_classify,
+    linear_probe,
+    sigreg_statistic,
+    standardised,
+    top1,
+)
 from lejepa.report import FIGURE, REPORT, write_figure, write_report
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
@@ -237,14 +244,6 @@ def probe_scores(
     return {"linear_probe_top1": top1(linear, test_labels), "knn_top1": top1(knn, test_labels)}
 
 
-def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    mean, std = train.float().mean(0), train.float().std(0).clamp(min=1e-6)
-    return (train.float() - mean) / std, (test.float() - mean) / std
-
-
-# -- the stage ----------------------------------------------------------------------------------------
-
-
 def _test_split(cfg: PipelineConfig, manifest: ShardManifest) -> str:
     split = cfg.evaluate.test_split or ("test" if "test" in manifest.splits else "val")
     for name, value in (("train_split", cfg.evaluate.train_split), ("test_split", split)):
@@ -334,8 +333,8 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     results: dict[str, dict[str, Any]] = {}
     for name in extractors:
         train, test = features["train"][name], features["test"][name]
-        if name == RAW_PIXELS:
-            train, test = _standardised(train, test)
+        if name == RAW_PIXELS:  # centred pixels give kNN a fair cosine similarity too
+            train, test = standardised(train, test)
         scores: dict[str, Any] = {}
         if labelled:
             scores.update(
@@ -380,12 +379,13 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         "models": results,
         "protocol": {
             "linear_probe": (
-                f"LayerNorm + Linear, AdamW (weight decay {e.probe_weight_decay}), lr {e.probe_lr}, "
+                f"standardised features -> LayerNorm + Linear, AdamW (weight decay {e.probe_weight_decay}), "
+                f"lr {e.probe_lr}, "
                 f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, "
                 f"warm-up {e.probe_warmup_fraction} + cosine"
             ),
             "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
-            "raw_pixels": "the same linear probe on standardised, flattened pixels (logistic regression)",
+            "raw_pixels": "both probes on standardised, flattened pixels (linear probe: logistic regression)",
             "diagnostics": f"first {e.diagnostic_samples} samples of the {test_split} split",
         },
         "config": redacted(cfg),

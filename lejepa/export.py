@@ -124,3 +124,26 @@ def load_encoder(
         state = load_file(str(local))
     backbone.load_state_dict(state, strict=True)
     return FrozenEncoder(backbone, description).to(device)
+
+
+def warm_start(encoder: nn.Module, url: str, storage: Storage | None = None) -> None:
+    """Copy an exported encoder's weights (backbone, and projector when exported) into a training Encoder.
+
+    The architectures must match: a mismatch fails with the names of the differing tensors.
+    """
+    folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
+    storage = storage.at(folder) if storage is not None else Storage(folder)
+    if not storage.exists(f"{folder}/{WEIGHTS}"):
+        raise FileNotFoundError(f"pretrain.init_from: no {WEIGHTS} at {folder}: point it at a release folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, module in ((WEIGHTS, encoder.backbone), (PROJECTOR, encoder.projector)):
+            if name == PROJECTOR and not storage.exists(f"{folder}/{name}"):
+                continue  # a backbone-only export: the projector starts fresh
+            storage.get_file(f"{folder}/{name}", Path(tmp) / name)
+            try:
+                module.load_state_dict(load_file(str(Path(tmp) / name)), strict=True)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"pretrain.init_from: {folder}/{name} does not fit model.* of this run: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None

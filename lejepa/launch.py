@@ -55,16 +55,23 @@ class LaunchError(RuntimeError):
 
 
 def launch(
-    cfg: PipelineConfig, program_args: list[str], *, dry_run: bool = False, program: str = PROGRAM
+    cfg: PipelineConfig,
+    program_args: list[str],
+    *,
+    dry_run: bool = False,
+    program: str = PROGRAM,
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """Run `program` (a module name, or a path ending in .py) on every rank; return the exit status.
 
-    With dry_run the launcher command (slurm: the sbatch script) is printed and nothing runs.
+    `env` adds variables to the ranks' environment (e.g. AWS_* credentials, so no file holds them); they
+    are masked in the output like the rest. With dry_run the launcher command (slurm: the sbatch script)
+    is printed and nothing runs.
     """
     lc = cfg.launch
+    env = {**os.environ, **(env or {})}
     if lc.mode == "slurm":
-        return _launch_slurm(lc, program, program_args, dry_run=dry_run)
-    env = os.environ.copy()
+        return _launch_slurm(lc, program, program_args, dry_run=dry_run, env=env)
     if _accelerator(lc) == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp:
@@ -237,7 +244,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _launch_slurm(lc: LaunchConfig, program: str, program_args: list[str], *, dry_run: bool) -> int:
+def _launch_slurm(
+    lc: LaunchConfig, program: str, program_args: list[str], *, dry_run: bool, env: dict[str, str]
+) -> int:
     stem = f"{lc.job_name}-{datetime.now():%Y%m%d-%H%M%S}"
     slurm_dir = Path(lc.slurm_dir).absolute()
     script = slurm_script(lc, program, program_args, log_path=slurm_dir / f"{stem}.out")
@@ -254,24 +263,26 @@ def _launch_slurm(lc: LaunchConfig, program: str, program_args: list[str], *, dr
     argv = [sbatch, "--parsable"] + (["--wait"] if lc.wait else []) + [str(script_path)]
     print(f"launch: {shlex.join(argv)}  (log: {log_path})", flush=True)
     if not lc.wait:
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"launch failed: sbatch: {done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
         else:
             print(f"launch: submitted Slurm job {done.stdout.strip()}", flush=True)
         return done.returncode
-    rc, tail = _follow_job(argv, log_path, _secret_values(os.environ))
+    rc, tail = _follow_job(argv, log_path, _secret_values(env), env)
     if rc != 0:
         print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
     return rc
 
 
-def _follow_job(argv: list[str], log_path: Path, secrets: list[str]) -> tuple[int, deque[str]]:
+def _follow_job(
+    argv: list[str], log_path: Path, secrets: list[str], env: dict[str, str]
+) -> tuple[int, deque[str]]:
     """Run `sbatch --parsable --wait`, streaming the job's log while it runs; cancel the job if we stop."""
     tail: deque[str] = deque(maxlen=2000)
     said: list[str] = []  # sbatch's own output; its first line is the job id
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     reader = threading.Thread(target=lambda: said.extend(proc.stdout or []), daemon=True)
     reader.start()
     offset, partial = 0, ""

@@ -11,11 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lejepa.config import ConfigError, PipelineConfig, load_config
 from lejepa.launch import LaunchError, launch
 from lejepa.storage import Storage, StorageError
+
+CREDENTIAL_ENV = {
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN",
+}
 
 
 class PretrainFailed(RuntimeError):
@@ -27,9 +37,37 @@ def run_url(cfg: PipelineConfig) -> str:
     return Storage.from_config(cfg.storage).url("runs", cfg.pretrain.run_name)
 
 
-def run_pretrain(cfg: PipelineConfig, program_args: list[str], *, dry_run: bool = False) -> dict[str, Any]:
-    """Launch training with `program_args` (the `--config/--set` every rank reads); returns its summary."""
-    status = launch(cfg, program_args, dry_run=dry_run)
+def launch_inputs(cfg: PipelineConfig, folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Write `cfg` for the ranks to `folder/config.yaml` and return (program_args, env).
+
+    Storage credentials are left out of the file (blank, so the ranks fall back to the AWS chain) and
+    returned as AWS_* variables instead, so nothing on disk holds them. `folder` must be readable by every
+    rank (for hostfile and Slurm launches: a shared file system).
+    """
+    tree = cfg.model_dump(mode="json")
+    env: dict[str, str] = {}
+    for key, name in CREDENTIAL_ENV.items():
+        value = getattr(cfg.storage, key)
+        if value is not None:
+            env[name] = value if isinstance(value, str) else value.get_secret_value()
+        tree["storage"][key] = None
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return ["--config", str(path)], env
+
+
+def run_pretrain(
+    cfg: PipelineConfig,
+    program_args: list[str],
+    *,
+    dry_run: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Launch training with `program_args` (the `--config/--set` every rank reads); returns its summary.
+
+    `env` adds variables to every rank's environment (see `lejepa.launch.launch`).
+    """
+    status = launch(cfg, program_args, dry_run=dry_run, env=env)
     if status != 0:
         raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
     if dry_run:

@@ -2,6 +2,8 @@
 
 - `linear_probe`: LayerNorm + Linear trained on the features with AdamW (weight decay 1e-6) and a linear
   warm-up then cosine schedule, the LeJEPA paper's protocol; seeded, so a rerun gives the same number.
+  Inputs are first standardised per dimension with the training features' mean and std (a fixed affine
+  map): on raw pixels this makes it plain logistic regression on standardised pixels.
 - `knn_classify`: cosine similarity, the k nearest training samples vote with weights exp(sim / T) (DINO's
   weighted kNN, k=20, T=0.07).
 - `effective_rank`: RankMe, exp of the entropy of the normalised singular values: ~D for well-spread
@@ -37,6 +39,13 @@ def top1(predictions: Tensor, labels: Tensor) -> float:
     return (predictions == labels).float().mean().item() if len(labels) else float("nan")
 
 
+def standardised(train: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets in float32, standardised per dimension with the mean and std of `train`."""
+    mean, std = train.float().mean(0), train.float().std(0)
+    std = torch.where(std > 1e-6, std, 1.0)  # dims constant on the training set stay unscaled
+    return (train.float() - mean) / std, (other.float() - mean) / std
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -51,8 +60,8 @@ def linear_probe(
 ) -> Tensor:
     """Train LayerNorm + Linear on the training features; returns the predicted classes of `test_features`.
 
-    Mini-batches of precomputed features keep it fast on a CPU: 54k x 512 features for 100 epochs is
-    ~5k small steps (seconds to tens of seconds on 2 cores).
+    Mini-batches of precomputed features keep it fast on a CPU: 54k x 512 features for 30 epochs of 1024 is
+    ~1600 small steps, about 10-60 s on 2 shared cores.
     """
     _check(train_features, train_labels, "linear_probe")
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -61,9 +70,12 @@ def linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         norm, linear = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+    # Fixed per-dimension standardisation first: frozen features often have dims with a large mean and a
+    # tiny spread, which LayerNorm alone leaves ill-conditioned for the optimiser.
+    train_features, test_features = standardised(train_features, test_features)
     # The features are frozen, so LayerNorm's normalisation is computed once; only its affine part and the
     # Linear layer train. The same model as LayerNorm + Linear, without renormalising every epoch.
-    x, y = nn.functional.layer_norm(train_features.float(), (dim,)), train_labels.long()
+    x, y = nn.functional.layer_norm(train_features, (dim,)), train_labels.long()
 
     def head(normalised: Tensor) -> Tensor:
         return linear(normalised * norm.weight + norm.bias)
@@ -96,9 +108,8 @@ def linear_probe(
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
-        return torch.cat(
-            [head(nn.functional.layer_norm(c.float(), (dim,))).argmax(1) for c in test_features.split(8192)]
-        )
+        test = nn.functional.layer_norm(test_features, (dim,))
+        return torch.cat([head(chunk).argmax(1) for chunk in test.split(8192)])
 
 
 def knn_classify(

@@ -129,6 +129,7 @@ def model_card(
     config: dict[str, Any],
     promoted: bool,
     reason: str,
+    with_figure: bool = True,
 ) -> str:
     """The release's README.md: what it is, how good it is, how it was trained, how to load it."""
     d = metrics["dataset"]
@@ -156,8 +157,7 @@ def model_card(
             "",
             results_table(metrics),
             "",
-            f"![training curves and evaluation]({FIGURE})",
-            "",
+            *([f"![training curves and evaluation]({FIGURE})", ""] if with_figure else []),
             *[f"- {key.replace('_', ' ')}: {text}" for key, text in metrics["protocol"].items()],
             "",
             "## Data",
@@ -225,7 +225,9 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             storage.get_file(f"{run_url}/{file_name}", local)
             written(file_name, local)
         card = Path(tmp) / CARD
-        card.write_text(model_card(name, version, model_uri, metrics, config, promoted, reason))
+        card.write_text(
+            model_card(name, version, model_uri, metrics, config, promoted, reason, FIGURE in files)
+        )
         written(CARD, card)
     if files[WEIGHTS]["sha256"] != weights_sha256:
         raise PublishError(f"{run_url}/{WEIGHTS} changed while publishing: publish again")

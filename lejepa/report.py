@@ -63,11 +63,11 @@ def write_figure(history: list[dict[str, Any]], metrics: dict[str, Any], path: s
             values = [models[n].get(key) or 0.0 for n in names]
             bars = bars_ax.bar([i + offset for i in range(len(names))], values, width, label=label)
             bars_ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], fontsize=8)
-        bars_ax.legend(loc="lower right")
+        bars_ax.legend(loc="upper right", ncols=2)
     else:
         bars_ax.text(0.5, 0.5, "probes skipped (unlabelled data)", ha="center", transform=bars_ax.transAxes)
     bars_ax.set_xticks(range(len(names)), [MODEL_NAMES.get(n, n).split(" (")[0] for n in names])
-    bars_ax.set(title="Evaluation on the test split", ylabel="top-1", ylim=(0, 1.05))
+    bars_ax.set(title="Evaluation on the test split", ylabel="top-1", ylim=(0, 1.18))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ the orchestrated pipeline; a local process pool here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -28,9 +29,9 @@ import subprocess
 import sys
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, BinaryIO
@@ -350,28 +351,34 @@ class GroupResult:
     """channels -> (channels, 256) counts of each pixel value, per channel (exact, cheap statistics)."""
 
 
-def _tar_header(name: str, size: int) -> bytes:
-    """A USTAR file header with fixed metadata (mode 0444, mtime 0), so equal input gives equal shards.
-
-    Written by hand because tarfile's header code costs more than encoding a 28x28 PNG.
-    """
+def _header_template() -> bytes:
     header = bytearray(512)
-    header[0:100] = name.encode().ljust(100, b"\0")
-    header[100:108] = b"0000444\0"
-    header[108:116] = header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b" " * 8
-    header[156:157] = b"0"
+    header[100:108] = b"0000444\0"  # mode
+    header[108:116] = header[116:124] = b"0000000\0"  # uid, gid
+    header[136:148] = b"00000000000\0"  # mtime 0
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[156:157] = b"0"  # regular file
     header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
 
 
-def _add_member(out: _HashingWriter, name: str, data: bytes) -> None:
-    if len(name) > 100:
-        raise ValueError(f"tar member name longer than 100 characters: {name}")
-    out.write(_tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512))
+_TAR_HEADER = _header_template()
+_TAR_HEADER_SUM = sum(_TAR_HEADER)
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """A USTAR member with fixed metadata (mode 0444, mtime 0), so equal input gives equal shards.
+
+    Written by hand because tarfile's header code costs more than encoding a 28x28 PNG.
+    """
+    encoded, size = name.encode(), b"%011o\0" % len(data)
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = bytearray(_TAR_HEADER)
+    header[: len(encoded)] = encoded
+    header[124:136] = size
+    header[148:156] = b"%06o\0 " % (_TAR_HEADER_SUM + sum(encoded) + sum(size))
+    return bytes(header) + data + bytes(-len(data) % 512)
 
 
 def _encode_png(pixels: np.ndarray, level: int) -> bytes:
@@ -441,18 +448,16 @@ def _write_group(plan: ShardPlan, index: int) -> GroupResult:
                 result.rejected.append(RejectedSample(id=item.id, reason=reason))
                 continue
             key = f"{numbers[item]:08d}"
-            _add_member(out, f"{key}.{ext}", data)
-            if item.label >= 0:
-                _add_member(out, f"{key}.cls", str(item.label).encode())
-            meta = {"id": item.id, "size": [h, w], "mode": mode}
-            _add_member(out, f"{key}.json", json.dumps(meta).encode())
+            meta = json.dumps({"id": item.id, "size": [h, w], "mode": mode}).encode()
+            label = _tar_member(f"{key}.cls", str(item.label).encode()) if item.label >= 0 else b""
+            out.write(_tar_member(f"{key}.{ext}", data) + label + _tar_member(f"{key}.json", meta))
             count += 1
             result.sizes[f"{h}x{w}"] += 1
             result.modes[mode] += 1
             channels = 1 if pixels.ndim == 2 else pixels.shape[2]
             hist = result.histograms.setdefault(channels, np.zeros((channels, 256), dtype=np.int64))
             for c in range(channels):
-                hist[c] += np.bincount(pixels.reshape(-1, channels)[:, c], minlength=256)
+                hist[c] += np.bincount((pixels if channels == 1 else pixels[..., c]).ravel(), minlength=256)
         out.write(b"\0" * 1024)  # end-of-archive marker
         if count == 0:  # nothing valid: leave no empty shard behind
             raise _EmptyGroup(result)
@@ -571,18 +576,28 @@ def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResu
         if crash_after and done >= crash_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    with bar:
-        if workers <= 1:
-            for i in range(len(plan.groups)):
-                finished(i, write_shard_group(plan, i))
-        else:
-            # spawn: s3fs keeps threads and sockets that a forked child must not inherit.
+    pending = deque(range(len(plan.groups)))
+    with bar, contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            # The main process writes groups too, from the first second; the pool's processes join in
+            # as they come up. spawn: s3fs keeps threads and sockets that a forked child must not inherit.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)
-            ) as pool:
-                for future in as_completed([pool.submit(_run_in_worker, i) for i in range(len(plan.groups))]):
-                    finished(*future.result())
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_init_worker, initargs=(plan,))
+            )
+        in_flight: set[Future] = set()
+        while pending or in_flight:
+            while pool is not None and pending and len(in_flight) < 2 * (workers - 1):
+                in_flight.add(pool.submit(_run_in_worker, pending.pop()))  # the pool takes from the end
+            if pending:
+                index = pending.popleft()
+                finished(index, write_shard_group(plan, index))
+            else:
+                wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in [f for f in in_flight if f.done()]:
+                in_flight.remove(future)
+                finished(*future.result())
     return results  # type: ignore[return-value]
 
 

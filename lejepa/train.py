@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lejepa.checkpoint import CheckpointStore
 from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
 from lejepa.data import TrainStream
-from lejepa.export import DESCRIPTION, encoder_description, export_encoder
+from lejepa.export import DESCRIPTION, encoder_description, export_encoder, warm_start
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder
 from lejepa.shard import ShardManifest, locate_manifest
@@ -299,6 +299,8 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     total_steps = p.max_steps or max(1, int(p.epochs * micro_steps_per_epoch) // p.grad_accum)
 
     encoder = Encoder.from_config(cfg.model, in_chans=manifest.channels, img_size=views.global_size)
+    if p.init_from:  # a resumed run's checkpoint, loaded below, replaces these weights
+        warm_start(encoder, p.init_from, storage)
     model = LeJEPAModel(
         encoder, SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed), cfg.loss.lamb
     )

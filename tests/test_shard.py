@@ -313,3 +313,25 @@ def test_secrets_are_redacted():
     assert "tok" not in repr(cfg.session_token)
     with pytest.raises(StorageError, match="not on s3://b/p"):
         storage.read_bytes("/etc/hostname")
+
+
+def test_webdataset_source_reads_tarwriter_shards_and_survives_truncation(tmp_path: Path):
+    import webdataset as wds
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for name, first in (("good.tar", 0), ("cut.tar", 10)):
+        with wds.TarWriter(str(folder / name)) as writer:
+            for i in range(first, first + 10):
+                buf = io.BytesIO()
+                unique_image(i, mode="RGB").save(buf, format="JPEG", quality=90)
+                writer.write({"__key__": f"sample{i:04d}", "jpg": buf.getvalue(), "cls": i % 2})
+    data = (folder / "cut.tar").read_bytes()
+    (folder / "cut.tar").write_bytes(data[: len(data) // 2])
+    cfg = config(str(tmp_path / "store"), source="webdataset", path=folder, data__val_fraction=0)
+    summary = write_shards(cfg, progress=False)
+    manifest = ShardManifest.load(Storage(str(tmp_path / "store")), summary.manifest)
+    [rejected] = manifest.rejected
+    assert rejected.id.endswith("cut.tar") and "unreadable tar" in rejected.reason
+    assert 10 < summary.num_samples["train"] < 20 and manifest.image.mode == "RGB"
+    assert manifest.class_names == ["0", "1"]

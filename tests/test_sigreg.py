@@ -139,6 +139,14 @@ def test_bfloat16_input_is_computed_in_float32_and_returns_a_bfloat16_gradient()
     torch.testing.assert_close(grad, grad32.to(torch.bfloat16))
 
 
+def test_autocast_does_not_lower_the_precision():
+    z = torch.randn(300, 32, generator=torch.Generator().manual_seed(0))
+    directions = unit_directions(32, 128, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = sliced_epps_pulley(z, directions)
+    assert value.item() == pytest.approx(sliced_epps_pulley(z, directions).item(), rel=1e-6)
+
+
 def test_views_are_averaged():
     scales = torch.tensor([1.0, 1.5, 0.5])[:, None, None]
     z = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(0)) * scales

@@ -1,0 +1,137 @@
+"""The Prefect flows: the whole pipeline (shard -> pretrain -> evaluate -> publish) and one flow per stage.
+
+Every flow takes the typed `PipelineConfig` as its `config` parameter, so the UI's Run form shows every
+option with its default and validates it, plus flags (`force`, `continual`). Flows only compose: the
+stages' work is in `lejepa/`, their retries, caching and artifacts in `tasks/stages.py`.
+
+Continual mode (recurring runs): shard groups are keyed by their own samples, so only what is new in the
+source is written; the run is named after the dataset version (a new dataset is a new run, the same one
+is cached); it warm-starts from the latest published model; and publish promotes only past the gate.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from lejepa.config import OrchestrationConfig, PipelineConfig
+from lejepa.publish import read_latest
+from lejepa.shard import plan_shards
+from lejepa.storage import Storage
+from tasks import stages
+
+# The Run form's defaults (flows never mutate their config: continual mode works on a copy).
+DEFAULTS = PipelineConfig()
+
+
+def task_runner(orchestration: OrchestrationConfig) -> TaskRunner:
+    """Threads on this machine, or a Dask cluster (an existing one at dask_address, else a local one)."""
+    if orchestration.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orchestration.dask_address:
+            return DaskTaskRunner(address=orchestration.dask_address)
+        workers = orchestration.max_workers or os.cpu_count() or 1
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
+        )
+    return ThreadPoolTaskRunner(max_workers=orchestration.max_workers)
+
+
+@flow(name="lejepa-shard-groups")
+def _write_dataset(config: PipelineConfig, force: bool = False, continual: bool = False) -> dict[str, Any]:
+    """Plan the groups, map one task per group onto this flow's task runner, then commit the manifest."""
+    plan = plan_shards(config)
+    results = stages.map_shard_groups(plan, config, continual, force)
+    commit = stages.configured(stages.commit_shards, config, config.orchestration.shard, refresh=force)
+    return commit(config, quote(plan), results, key=stages.commit_key(plan, results))
+
+
+@flow(name="lejepa-shard", log_prints=True)
+def shard_flow(
+    config: PipelineConfig = DEFAULTS, force: bool = False, continual: bool = False
+) -> dict[str, Any]:
+    """Shard the source into `storage.root`; returns at once when this exact dataset is committed."""
+    check = stages.configured(stages.committed_dataset, config, config.orchestration.shard)
+    committed = check(config, force)
+    if committed is not None:
+        return committed
+    runner = task_runner(config.orchestration)
+    return _write_dataset.with_options(task_runner=runner)(config, force, continual)
+
+
+@flow(name="lejepa-pretrain", log_prints=True)
+def pretrain_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
+    """Pretrain on the dataset already in storage (the latest of `data.name` when the source is absent)."""
+    return _pretrain(config, stages.stored_dataset(config), force)
+
+
+@flow(name="lejepa-evaluate", log_prints=True)
+def evaluate_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
+    """Evaluate the run `pretrain.run_name` already in storage."""
+    return _evaluate(config, stages.stored_pretrain(config), force)
+
+
+@flow(name="lejepa-publish", log_prints=True)
+def publish_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
+    """Publish the evaluated run `pretrain.run_name`; `force` promotes past the gate."""
+    return _publish(config, stages.stored_evaluation(config), force)
+
+
+@flow(name="lejepa-pipeline", log_prints=True)
+def pipeline(
+    config: PipelineConfig = DEFAULTS, force: bool = False, continual: bool = False
+) -> dict[str, Any]:
+    """shard -> pretrain -> evaluate -> publish; returns each stage's summary under its name.
+
+    force: redo every stage and promote past the gate. continual: the recurring mode (see module doc).
+    """
+    dataset = shard_flow(config, force=force, continual=continual)
+    if continual:
+        config = continual_config(config, dataset)
+    trained = _pretrain(config, dataset, force)
+    evaluated = _evaluate(config, trained, force)
+    published = _publish(config, evaluated, force)
+    return {"shard": dataset, "pretrain": trained, "evaluate": evaluated, "publish": published}
+
+
+def continual_config(config: PipelineConfig, dataset: dict[str, Any]) -> PipelineConfig:
+    """This recurring run's config: a run per dataset version, warm-started from the latest release."""
+    config = config.model_copy(deep=True)
+    name = config.publish.name or config.pretrain.run_name
+    latest = read_latest(Storage.from_config(config.storage), name)
+    config.publish.name = name  # the model keeps its name while run names follow the data
+    config.pretrain.run_name = f"{config.pretrain.run_name}-{dataset['version']}"
+    if latest is not None:
+        config.pretrain.init_from = latest["model_uri"]
+    start = config.pretrain.init_from or "scratch"
+    get_run_logger().info("continual run %s, warm start from %s", config.pretrain.run_name, start)
+    return config
+
+
+def _pretrain(config: PipelineConfig, dataset: dict[str, Any], force: bool) -> dict[str, Any]:
+    task = stages.configured(stages.pretrain, config, config.orchestration.pretrain, refresh=force)
+    return task(config, dataset, key=stages.pretrain_key(config, dataset))
+
+
+def _evaluate(config: PipelineConfig, trained: dict[str, Any], force: bool) -> dict[str, Any]:
+    task = stages.configured(stages.evaluate, config, config.orchestration.evaluate, refresh=force)
+    return task(config, trained, key=stages.evaluate_key(config, trained))
+
+
+def _publish(config: PipelineConfig, evaluated: dict[str, Any], force: bool) -> dict[str, Any]:
+    task = stages.configured(stages.publish, config, config.orchestration.publish, refresh=force)
+    return task(config, evaluated, force, key=stages.publish_key(config, evaluated, force))
+
+
+FLOWS = {
+    "pipeline": pipeline,
+    "shard": shard_flow,
+    "pretrain": pretrain_flow,
+    "evaluate": evaluate_flow,
+    "publish": publish_flow,
+}

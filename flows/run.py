@@ -1,0 +1,52 @@
+"""`lejepa-pipeline run` and `lejepa-pipeline demo`: the whole Prefect flow on this machine.
+
+No server is needed: without PREFECT_API_URL, Prefect starts its ephemeral API for the run. The last
+printed line is a JSON object holding each stage's summary under its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lejepa.config import ConfigError, load_config
+
+
+def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int:
+    """`lejepa-pipeline run [--config FILE] [--set key=value ...] [--force] [--continual]`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run shard -> pretrain -> evaluate -> publish.")
+    parser.add_argument("--config", help="pipeline YAML config (defaults apply when omitted)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    parser.add_argument("--force", action="store_true", help="redo every stage and promote past the gate")
+    parser.add_argument(
+        "--continual", action="store_true", help="recurring mode: new data only, warm start, gated publish"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from flows.pipeline import pipeline  # Prefect is slow to import: only for commands that need it
+
+    try:
+        result = pipeline(config=cfg, force=args.force, continual=args.continual)
+    except Exception as exc:  # the failed stage's own error, already in the run's log
+        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    published, evaluated = result["publish"], result["evaluate"]
+    print(f"release: {published['model_uri']} ({published['reason']})")
+    print(
+        f"metrics: linear-probe top-1 {evaluated['linear_probe_top1']}, kNN top-1 {evaluated['knn_top1']}, "
+        f"baselines {evaluated['baselines']} ({evaluated['metrics']})"
+    )
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def demo_cli(argv: list[str] | None = None) -> int:
+    """The whole flow on the defaults: local storage, Fashion-MNIST, CPU, 2 local processes."""
+    return cli(argv, prog="lejepa-pipeline demo")
