@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test
+.PHONY: demo test serve
 
 demo: $(INSTALLED) $(FASHION_MNIST)
 	$(VENV)/bin/lejepa-pipeline demo
@@ -13,6 +13,11 @@ demo: $(INSTALLED) $(FASHION_MNIST)
 test: $(INSTALLED) $(FASHION_MNIST)
 	bash infra/install-test-deps.sh
 	$(PY) -m pytest -q -ra
+
+# An extra, not a set-up command: a local Prefect server + UI on 127.0.0.1:4200, the work pool, the
+# deployments and a worker, so the pipeline can be run from the UI.
+serve: $(INSTALLED) $(FASHION_MNIST)
+	bash infra/serve.sh
 
 # The virtual environment. torch is pinned first: a bare `torch` would pull a multi-GB CUDA build.
 $(INSTALLED): pyproject.toml

@@ -93,6 +93,9 @@ class ShardConfig(Section):
     """Samples per tar shard; one shard is one independently writable group of work."""
     workers: int | None = Field(None, ge=1)
     """Processes writing shard groups; None uses every core."""
+    start_method: Literal["auto", "spawn", "fork", "forkserver"] = "auto"
+    """How worker processes start; auto forks when source and store are local (cheap), else spawns
+    (s3fs holds threads and sockets a forked child must not inherit)."""
     png_compress_level: int = Field(1, ge=0, le=9)
     """zlib level for raw pixels (fashion-mnist, digits) encoded to PNG; lossless at any level."""
 

@@ -34,7 +34,9 @@ class MinimalTrainer:
         self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=lr, weight_decay=5e-4)
 
     def step(self, images: Tensor, generator: torch.Generator) -> LeJEPALoss:
-        global_views, local_views = self.views(images, generator)
+        return self.step_on_views(*self.views(images, generator))
+
+    def step_on_views(self, global_views: Tensor, local_views: Tensor) -> LeJEPALoss:
         _, projections = self.encoder.forward_views(global_views, local_views)
         loss = lejepa_loss(projections, global_views.shape[0], self.sigreg, self.cfg.loss.lamb)
         self.optimizer.zero_grad(set_to_none=True)

@@ -553,7 +553,18 @@ def _summary(m: ShardManifest, up_to_date: bool, seconds: float = 0.0, images: i
     )
 
 
-def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResult]:
+def _start_method(plan: ShardPlan, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    remote = [s.protocol != "file" for s in (plan.storage, getattr(plan.source, "storage", plan.storage))]
+    # fork skips re-importing and re-loading the source in every worker, but must not copy s3fs's
+    # threads and sockets into a child: spawn whenever a remote filesystem is in play.
+    return "spawn" if any(remote) or "fork" not in multiprocessing.get_all_start_methods() else "fork"
+
+
+def _run_groups(
+    plan: ShardPlan, workers: int, progress: bool, start_method: str = "auto"
+) -> list[GroupResult]:
     from tqdm import tqdm
 
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
@@ -581,8 +592,8 @@ def _run_groups(plan: ShardPlan, workers: int, progress: bool) -> list[GroupResu
         pool = None
         if workers > 1:
             # The main process writes groups too, from the first second; the pool's processes join in
-            # as they come up. spawn: s3fs keeps threads and sockets that a forked child must not inherit.
-            ctx = multiprocessing.get_context("spawn")
+            # as they come up.
+            ctx = multiprocessing.get_context(_start_method(plan, start_method))
             pool = stack.enter_context(
                 ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_init_worker, initargs=(plan,))
             )
@@ -619,7 +630,7 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
             storage.rm(stale)
 
     workers = min(cfg.shard.workers or os.cpu_count() or 1, len(plan.groups))
-    results = _run_groups(plan, workers, progress)
+    results = _run_groups(plan, workers, progress, cfg.shard.start_method)
     return commit_manifest(cfg, plan, results, seconds=time.perf_counter() - start)
 
 

@@ -158,9 +158,17 @@ def test_killed_run_leaves_no_manifest_and_rerun_completes(tmp_path: Path):
     assert (version / "manifest.json").exists() and not list(version.glob(".tmp-*"))
 
 
-def test_process_pool_and_fashion_mnist(tmp_path: Path):
+@pytest.mark.parametrize("start_method", ["spawn", "auto"])
+def test_process_pool_and_fashion_mnist(tmp_path: Path, start_method: str):
     cfg = load_config(
-        None, [f"storage.root={tmp_path}", "data.limit=200", "shard.samples_per_shard=64", "shard.workers=2"]
+        None,
+        [
+            f"storage.root={tmp_path}",
+            "data.limit=200",
+            "shard.samples_per_shard=64",
+            "shard.workers=2",
+            f"shard.start_method={start_method}",
+        ],
     )
     summary = write_shards(cfg, progress=False)
     # 200 train -> 20 val + 180 train; 200 test; 64 per shard.
