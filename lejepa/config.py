@@ -300,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+            raise ConfigError(f"config file {path} must map sections to fields, got {type(tree).__name__}")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -54,13 +54,18 @@ def _rows_per_chunk(x: Tensor) -> int:
     return max(1, _CHUNK_ELEMENTS // x.shape[1])
 
 
-def _quadrature(knots: int, t_max: float, like: Tensor) -> tuple[Tensor, Tensor]:
-    """phi_j = exp(-t_j^2 / 2) at the knots and the weights w_j = phi_j * (trapezoid of t_j)."""
+def _knot_spacing(knots: int, t_max: float) -> float:
+    """dt of the grid t_j = j * dt, j = 0 .. knots - 1, that ends at t_max."""
     if knots < 2 or t_max <= 0:
         raise ValueError(f"SIGReg needs knots >= 2 and t_max > 0, got knots={knots}, t_max={t_max}")
+    return t_max / (knots - 1)
+
+
+def _quadrature(knots: int, t_max: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """phi_j = exp(-t_j^2 / 2) at the knots and the weights w_j = phi_j * (trapezoid of t_j)."""
+    dt = _knot_spacing(knots, t_max)
     t = torch.linspace(0.0, t_max, knots, dtype=like.dtype, device=like.device)
     phi = torch.exp(-0.5 * t**2)
-    dt = t_max / (knots - 1)
     # Trapezoid on [0, t_max], doubled for the mirror half [-t_max, 0]: 2 dt inside, dt at the ends.
     trapezoid = torch.full_like(t, 2 * dt)
     trapezoid[0] = trapezoid[-1] = dt
@@ -179,7 +184,7 @@ def sliced_epps_pulley(
         views = x if x.ndim == 3 else x.unsqueeze(0)
         # Each (view, slice) pair is one column of samples: (N, V * K).
         columns = views.transpose(0, 1).reshape(views.shape[1], -1)
-        cos_sums, sin_sums = _ECFSums.apply(columns, t_max / (knots - 1), knots)
+        cos_sums, sin_sums = _ECFSums.apply(columns, _knot_spacing(knots, t_max), knots)
         if distributed and _world_size() > 1:
             cos_sums, sin_sums = _AllReduceSum.apply(torch.stack([cos_sums, sin_sums])).unbind()
         return _epps_pulley(cos_sums, sin_sums, knots, t_max).mean()
@@ -198,6 +203,7 @@ class SIGReg(nn.Module):
 
     def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0, seed: int = 0):
         super().__init__()
+        _knot_spacing(knots, t_max)  # fail at construction, not at the first step
         self.num_slices, self.knots, self.t_max, self.seed = num_slices, knots, t_max, seed
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._step_synced = False

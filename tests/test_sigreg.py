@@ -160,6 +160,13 @@ def test_shape_mismatch_names_the_shapes():
         sliced_epps_pulley(torch.randn(10, 8), torch.randn(4, 16))
 
 
+def test_invalid_grid_is_refused_with_the_values():
+    with pytest.raises(ValueError, match="knots=1, t_max=3.0"):
+        sliced_epps_pulley(torch.randn(10, 8), unit_directions(8, 4, seed=0), knots=1)
+    with pytest.raises(ValueError, match="knots=17, t_max=0"):
+        SIGReg(t_max=0)
+
+
 def test_module_draws_fresh_unit_directions_reproducible_from_the_seed():
     module = SIGReg(num_slices=64, seed=3)
     first, second = module.directions(16, step=0), module.directions(16, step=1)
