@@ -11,12 +11,12 @@ nothing else: a `process` pool on this machine, or a Docker / Kubernetes pool wh
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 from uuid import UUID
 
-from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.cli import config_from, stage_parser
+from lejepa.config import ConfigError, PipelineConfig
 
 WORK_POOL = "lejepa"
 NIGHTLY_CRON = "0 2 * * *"
@@ -83,15 +83,13 @@ def deploy_all(
 
 def cli(argv: list[str] | None = None) -> int:
     """`lejepa-pipeline deploy [--config FILE] [--set k=v ...] [--work-pool NAME] [--cron CRON]`."""
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config whose values become the deployments' defaults")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser = stage_parser("lejepa-pipeline deploy", __doc__.splitlines()[0])
     parser.add_argument("--work-pool", default=WORK_POOL, help=f"work pool name (default {WORK_POOL})")
     parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"nightly schedule (default '{NIGHTLY_CRON}')")
     parser.add_argument("--image", help="container image for Docker/Kubernetes pools (built elsewhere)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = config_from(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,27 +6,23 @@ printed line is a JSON object holding each stage's summary under its name.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from lejepa.config import ConfigError, load_config
+from lejepa.cli import config_from, stage_parser
+from lejepa.config import ConfigError
 
 
 def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int:
     """`lejepa-pipeline run [--config FILE] [--set key=value ...] [--force] [--continual]`."""
-    parser = argparse.ArgumentParser(prog=prog, description="Run shard -> pretrain -> evaluate -> publish.")
-    parser.add_argument("--config", help="pipeline YAML config (defaults apply when omitted)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
+    parser = stage_parser(prog, "Run shard -> pretrain -> evaluate -> publish.")
     parser.add_argument("--force", action="store_true", help="redo every stage and promote past the gate")
     parser.add_argument(
         "--continual", action="store_true", help="recurring mode: new data only, warm start, gated publish"
     )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = config_from(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import PipelineConfig, redacted
 from lejepa.data import eval_loader
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS, FrozenEncoder, load_encoder
 from lejepa.loss import lejepa_loss
@@ -46,8 +46,7 @@ from lejepa.probes import (
 from lejepa.report import FIGURE, REPORT, write_figure, write_report
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
-from lejepa.sources import DataError
-from lejepa.storage import Storage, StorageError
+from lejepa.storage import Storage
 from lejepa.views import MultiCropViews
 
 METRICS = "metrics.json"
@@ -411,19 +410,8 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="pipeline YAML config")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    args = parser.parse_args(argv)
-    try:
-        summary = run_evaluate(load_config(args.config, args.set))
-    except (ConfigError, StorageError, DataError, EvaluationError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    print(json.dumps(asdict(summary)), flush=True)
-    return 0
+    args = stage_parser("lejepa-pipeline evaluate", __doc__.splitlines()[0]).parse_args(argv)
+    return run_stage(lambda: run_evaluate(config_from(args)), EvaluationError)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ variables: local ranks and Slurm jobs inherit them; remote hostfile ranks get AW
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import os
 import re
@@ -36,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
+from lejepa.config import LaunchConfig, PipelineConfig
 
 PROGRAM = "lejepa.train"
 FORWARDED_ENV = ("AWS_*", "DS_ACCELERATOR")
@@ -108,15 +107,27 @@ def local_command(lc: LaunchConfig, program: str, program_args: list[str], *, lo
     port = lc.master_port or free_port()
     if lc.launcher == "torchrun":
         argv = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
-            f"--nproc_per_node={nproc}", f"--master_addr={addr}", f"--master_port={port}",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--node_rank=0",
+            f"--nproc_per_node={nproc}",
+            f"--master_addr={addr}",
+            f"--master_port={port}",
             # Tee both streams of every rank to the console, each line prefixed with its global rank.
-            "--tee=3", f"--log_dir={log_dir}", "--log_line_prefix_template=[rank${rank}]: ",
+            "--tee=3",
+            f"--log_dir={log_dir}",
+            "--log_line_prefix_template=[rank${rank}]: ",
         ]
         return argv + (["-m", program] if _is_module(program) else [program]) + program_args
     argv = [
-        sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-        f"--master_addr={addr}", f"--master_port={port}",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={nproc}",
+        f"--master_addr={addr}",
+        f"--master_port={port}",
     ]
     return argv + _deepspeed_program(program, program_args)
 
@@ -161,8 +172,11 @@ def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log
         directives.append(f"--gpus-per-node={lc.gpus_per_node}")
     if lc.cpus_per_task:
         directives.append(f"--cpus-per-task={lc.cpus_per_task}")
-    directives += [f"--{name}={value}" for name in ("partition", "account", "time")
-                   if (value := getattr(lc, name)) is not None]
+    directives += [
+        f"--{name}={value}"
+        for name in ("partition", "account", "time")
+        if (value := getattr(lc, name)) is not None
+    ]
     directives += lc.extra_sbatch
     port = str(lc.master_port) if lc.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     srun = ["srun", "--label", "--kill-on-bad-exit=1"]
@@ -182,7 +196,7 @@ def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log
         lines.append("export DS_ACCELERATOR=cpu")
     if lc.cpus_per_task:
         lines.append(f"export OMP_NUM_THREADS={lc.cpus_per_task}")
-    rank_env = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec \"$@\""
+    rank_env = 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"'
     lines.append(f"{shlex.join(srun)} bash -c {shlex.quote(rank_env)} rank {shlex.join(command)}")
     return "\n".join(lines) + "\n"
 
@@ -226,24 +240,6 @@ def forwarded_env(environ: Mapping[str, str], extra: list[str]) -> dict[str, str
     return {k: v for k, v in sorted(environ.items()) if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m lejepa.launch --config FILE [--set key=value ...] [--dry-run]`: launch lejepa.train."""
-    parser = argparse.ArgumentParser(prog="python -m lejepa.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file, read by every rank (defaults apply when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set launch.nproc_per_node=4 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the launch command (slurm: the sbatch script) and run nothing")
-    args = parser.parse_args(argv)
-    program_args = (["--config", args.config] if args.config else [])
-    program_args += [arg for item in args.overrides for arg in ("--set", item)]
-    try:
-        return launch(load_config(args.config, args.overrides), program_args, dry_run=args.dry_run)
-    except (ConfigError, LaunchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _launch_slurm(
     lc: LaunchConfig, program: str, program_args: list[str], *, dry_run: bool, env: dict[str, str]
 ) -> int:
@@ -281,8 +277,9 @@ def _follow_job(
     """Run `sbatch --parsable --wait`, streaming the job's log while it runs; cancel the job if we stop."""
     tail: deque[str] = deque(maxlen=2000)
     said: list[str] = []  # sbatch's own output; its first line is the job id
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
     reader = threading.Thread(target=lambda: said.extend(proc.stdout or []), daemon=True)
     reader.start()
     offset, partial = 0, ""
@@ -320,8 +317,16 @@ def _follow_job(
 def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[int, deque[str]]:
     """Run the launcher in its own process group, echo its merged output line by line, keep the tail."""
     tail: deque[str] = deque(maxlen=2000)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -392,7 +397,9 @@ def _check_hostfile_backend(lc: LaunchConfig) -> None:
     for host in hosts:
         check = subprocess.run(
             ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *port, *lc.ssh_options, host, "true"],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         if check.returncode != 0:
             reason = (check.stderr.strip().splitlines() or ["no reason given"])[-1]
@@ -449,7 +456,7 @@ def _tracebacks(lines: list[str]) -> Iterable[tuple[str, str]]:
     for start, line in enumerate(lines):
         if _TRACEBACK in line:
             prefix = line[: line.index(_TRACEBACK)]
-            error = _exception_line(lines[start + 1:], prefix)
+            error = _exception_line(lines[start + 1 :], prefix)
             if error and not error.split(":")[0].endswith(_LAUNCHER_EXCEPTIONS):
                 yield prefix, error
 
@@ -460,7 +467,7 @@ def _exception_line(lines: list[str], prefix: str) -> str | None:
     for line in lines:
         if not line.startswith(prefix):
             continue
-        body = line[len(prefix):]
+        body = line[len(prefix) :]
         if not body.strip() or body[0].isspace() or body.startswith(_TRACEBACK):
             continue
         if body.startswith(("During handling of the above", "The above exception")):
@@ -484,7 +491,3 @@ def _who(prefix: str) -> str:
     host_name = host.group(1) if host and not host.group(1).isdigit() else None
     who = f"rank {rank}" if rank is not None else "a rank"
     return f"{who} on {host_name}" if host_name else who
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

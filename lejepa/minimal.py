@@ -6,7 +6,6 @@ is benchmarked against. Data are Fashion-MNIST images held in memory as one uint
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.cli import config_from, stage_parser
+from lejepa.config import ConfigError, PipelineConfig
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder
 from lejepa.sigreg import SIGReg
@@ -77,17 +77,13 @@ def load_fashion_mnist_train(limit: int) -> Tensor:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="pipeline YAML config (model, views and loss sections are used)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
+    parser = stage_parser("lejepa-pipeline minimal", __doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=10_000, help="Fashion-MNIST training images to load")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = config_from(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

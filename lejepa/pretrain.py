@@ -8,8 +8,6 @@ again on the same `pretrain.run_name` resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.cli import config_from, forwarded, run_stage, stage_parser
+from lejepa.config import PipelineConfig
 from lejepa.launch import LaunchError, launch
-from lejepa.storage import Storage, StorageError
+from lejepa.storage import Storage
 
 CREDENTIAL_ENV = {
     "access_key_id": "AWS_ACCESS_KEY_ID",
@@ -77,26 +76,16 @@ def run_pretrain(
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="pipeline YAML config, read by every rank")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
+    parser = stage_parser("lejepa-pipeline pretrain", __doc__.splitlines()[0])
     parser.add_argument(
         "--dry-run", action="store_true", help="print the launch command (or sbatch script) only"
     )
     args = parser.parse_args(argv)
-    program_args = (["--config", args.config] if args.config else []) + [
-        a for s in args.set for a in ("--set", s)
-    ]
-    try:
-        summary = run_pretrain(load_config(args.config, args.set), program_args, dry_run=args.dry_run)
-    except (ConfigError, LaunchError, StorageError, PretrainFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if summary:
-        print(json.dumps(summary))
-    return 0
+    return run_stage(
+        lambda: run_pretrain(config_from(args), forwarded(args), dry_run=args.dry_run) or None,
+        LaunchError,
+        PretrainFailed,
+    )
 
 
 if __name__ == "__main__":

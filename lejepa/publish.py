@@ -16,7 +16,6 @@ are promoted only with `--force`.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -24,16 +23,17 @@ import re
 import signal
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import ConfigError, PipelineConfig, redacted
 from lejepa.evaluate import METRICS, sha256_of
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
 from lejepa.report import FIGURE, results_table
-from lejepa.storage import Storage, StorageError
+from lejepa.storage import Storage
 
 RELEASE, LATEST, CARD = "release.json", "latest.json", "README.md"
 # Fault injection for the crash-safety test: SIGKILL this process after N release files are written.
@@ -258,20 +258,10 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline publish", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="pipeline YAML config")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
+    parser = stage_parser("lejepa-pipeline publish", __doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="promote to latest even if the gate refuses")
     args = parser.parse_args(argv)
-    try:
-        summary = run_publish(load_config(args.config, args.set), force=args.force)
-    except (ConfigError, StorageError, PublishError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    print(json.dumps(asdict(summary)), flush=True)
-    return 0
+    return run_stage(lambda: run_publish(config_from(args), force=args.force), PublishError)
 
 
 if __name__ == "__main__":

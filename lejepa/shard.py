@@ -15,7 +15,6 @@ the orchestrated pipeline; a local process pool here).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -40,9 +39,10 @@ import numpy as np
 from pydantic import BaseModel
 
 import lejepa
-from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import PipelineConfig
 from lejepa.sources import DataError, Item, Payload, Rejection, Source, open_source
-from lejepa.storage import TMP_PREFIX, Storage, StorageError
+from lejepa.storage import TMP_PREFIX, Storage
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -691,27 +691,11 @@ run_shard = write_shards
 
 def cli(argv: list[str] | None = None) -> int:
     """`lejepa-pipeline shard --config FILE [--set key=value ...] [--force]`; the last line is JSON."""
-    parser = argparse.ArgumentParser(prog="lejepa-pipeline shard", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply when omitted)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set data.source=digits (repeatable)",
-    )
+    parser = stage_parser("lejepa-pipeline shard", __doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if the dataset is up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = write_shards(cfg, force=args.force, progress=not args.no_progress)
-    except (ConfigError, StorageError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.model_dump_json())
-    return 0
+    return run_stage(lambda: write_shards(config_from(args), force=args.force, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ step, online probe, RNG and data position.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,14 +26,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lejepa.checkpoint import CheckpointStore
-from lejepa.config import ConfigError, PipelineConfig, load_config, redacted
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import ConfigError, PipelineConfig, redacted
 from lejepa.data import TrainStream
 from lejepa.export import DESCRIPTION, encoder_description, export_encoder, warm_start
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
-from lejepa.storage import Storage, StorageError
+from lejepa.storage import Storage
 from lejepa.views import MultiCropViews
 
 
@@ -202,8 +202,14 @@ class Progress:
 
         self.total, self.log_every = total, log_every
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step", file=sys.stderr)
-        self.bar.disable = not (enabled and sys.stderr.isatty())
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="pretrain",
+            unit="step",
+            file=sys.stderr,
+            disable=not (enabled and sys.stderr.isatty()),
+        )
 
     def update(self, record: dict[str, Any]) -> None:
         self.bar.update(1)
@@ -470,20 +476,13 @@ def _export(
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lejepa.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="pipeline YAML config")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    args = parser.parse_args(argv)
-    try:
-        summary = train(load_config(args.config, args.set))
-    except (ConfigError, StorageError, TrainingDiverged) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(asdict(summary)), flush=True)
-    return 0
+    args = stage_parser("python -m lejepa.train", __doc__.splitlines()[0]).parse_args(argv)
+    # Every rank runs this; only rank 0 prints the summary line.
+    return run_stage(lambda: _rank0_only(train(config_from(args))), TrainingDiverged)
+
+
+def _rank0_only(summary: TrainSummary) -> TrainSummary | None:
+    return summary if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
 from lejepa.launch import (
     LaunchError,
     _write_deepspeed_env,
-    cli,
     forwarded_env,
     free_port,
     hostfile_command,
@@ -35,6 +34,7 @@ from lejepa.launch import (
     rank_error,
     slurm_script,
 )
+from lejepa.pretrain import cli
 
 PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
 FAKE_SLURM = Path(__file__).parent / "programs" / "fake_slurm"
@@ -82,14 +82,34 @@ def probe_lines(out: str) -> list[str]:
 def test_local_commands(tmp_path: Path) -> None:
     lc = cpu_config(master_port=29600).launch
     assert local_command(lc, "lejepa.train", ["--config", "c.yaml"], log_dir=tmp_path) == [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", "--master_port=29600", "--tee=3", f"--log_dir={tmp_path}",
-        "--log_line_prefix_template=[rank${rank}]: ", "-m", "lejepa.train", "--config", "c.yaml",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--node_rank=0",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        "--master_port=29600",
+        "--tee=3",
+        f"--log_dir={tmp_path}",
+        "--log_line_prefix_template=[rank${rank}]: ",
+        "-m",
+        "lejepa.train",
+        "--config",
+        "c.yaml",
     ]
     lc = cpu_config(launcher="deepspeed", nproc_per_node=3, master_port=29600).launch
     assert local_command(lc, "probe.py", ["--set", "a=1"], log_dir=tmp_path) == [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=3", "--master_addr=127.0.0.1",
-        "--master_port=29600", "--no_local_rank", "probe.py", "--set", "a=1",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus=3",
+        "--master_addr=127.0.0.1",
+        "--master_port=29600",
+        "--no_local_rank",
+        "probe.py",
+        "--set",
+        "a=1",
     ]
 
 
@@ -97,16 +117,43 @@ def test_hostfile_commands(tmp_path: Path) -> None:
     hostfile = two_host_file(tmp_path)
     lc = cpu_config(mode="hostfile", hostfile=str(hostfile), ssh_port=2222, master_port=29700).launch
     assert hostfile_command(lc, "lejepa.train", ["--config", "c.yaml"]) == [
-        sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--launcher=pdsh",
-        "--no_ssh_check", "--ssh_port=2222", "--master_addr=127.0.0.1", "--master_port=29700",
-        "--no_local_rank", "--module", "lejepa.train", "--config", "c.yaml",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--hostfile={hostfile}",
+        "--launcher=pdsh",
+        "--no_ssh_check",
+        "--ssh_port=2222",
+        "--master_addr=127.0.0.1",
+        "--master_port=29700",
+        "--no_local_rank",
+        "--module",
+        "lejepa.train",
+        "--config",
+        "c.yaml",
     ]
-    lc = cpu_config(mode="hostfile", hostfile=str(hostfile), no_ssh=True, node_rank=1,
-                    master_addr="10.0.0.1", master_port=29700, nproc_per_node=4).launch
+    lc = cpu_config(
+        mode="hostfile",
+        hostfile=str(hostfile),
+        no_ssh=True,
+        node_rank=1,
+        master_addr="10.0.0.1",
+        master_port=29700,
+        nproc_per_node=4,
+    ).launch
     assert hostfile_command(lc, "lejepa.train", []) == [
-        sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--no_ssh",
-        "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29700", "--num_gpus=4",
-        "--no_local_rank", "--module", "lejepa.train",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--hostfile={hostfile}",
+        "--no_ssh",
+        "--node_rank=1",
+        "--master_addr=10.0.0.1",
+        "--master_port=29700",
+        "--num_gpus=4",
+        "--no_local_rank",
+        "--module",
+        "lejepa.train",
     ]
 
 
@@ -118,8 +165,9 @@ def test_hostfile_errors_name_the_fix(tmp_path: Path) -> None:
     lc = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), no_ssh=True, node_rank=0).launch
     with pytest.raises(LaunchError, match="launch.master_addr, launch.master_port"):
         hostfile_command(lc, "lejepa.train", [])
-    lc = cpu_config(mode="hostfile", hostfile=lc.hostfile, no_ssh=True, node_rank=2, master_addr="a",
-                    master_port=1).launch
+    lc = cpu_config(
+        mode="hostfile", hostfile=lc.hostfile, no_ssh=True, node_rank=2, master_addr="a", master_port=1
+    ).launch
     with pytest.raises(LaunchError, match="node_rank=2 but .* names 2 hosts"):
         hostfile_command(lc, "lejepa.train", [])
 
@@ -138,16 +186,30 @@ def test_deepspeed_env_file_forwards_defaults_and_extras(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\n\n# comment\n")
-    environ = {"AWS_SECRET_ACCESS_KEY": SECRET, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-               "HF_TOKEN": "hf_x", "HOME": "/root", "AWS_REGION": "us-east-1"}
+    environ = {
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "HF_TOKEN": "hf_x",
+        "HOME": "/root",
+        "AWS_REGION": "us-east-1",
+    }
     assert list(forwarded_env(environ, ["WANDB_*"])) == [
-        "AWS_REGION", "AWS_SECRET_ACCESS_KEY", "DS_ACCELERATOR", "WANDB_MODE"]
+        "AWS_REGION",
+        "AWS_SECRET_ACCESS_KEY",
+        "DS_ACCELERATOR",
+        "WANDB_MODE",
+    ]
     env_file = tmp_path / "out" / ".deepspeed_env"
     env_file.parent.mkdir()
     _write_deepspeed_env(env_file, environ, ["WANDB_*"])
     assert env_file.read_text().splitlines() == [
-        "NCCL_DEBUG=INFO", "AWS_REGION=us-east-1", f"AWS_SECRET_ACCESS_KEY={SECRET}", "DS_ACCELERATOR=cpu",
-        "WANDB_MODE=offline"]
+        "NCCL_DEBUG=INFO",
+        "AWS_REGION=us-east-1",
+        f"AWS_SECRET_ACCESS_KEY={SECRET}",
+        "DS_ACCELERATOR=cpu",
+        "WANDB_MODE=offline",
+    ]
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     with pytest.raises(LaunchError, match=r"cannot forward \$AWS_SESSION_TOKEN") as failure:
         _write_deepspeed_env(env_file, {"AWS_SESSION_TOKEN": "a$b-secretish"}, [])
@@ -156,18 +218,24 @@ def test_deepspeed_env_file_forwards_defaults_and_extras(
 
 def test_rank_error_names_the_failing_rank() -> None:
     def traceback(prefix: str, error: str) -> list[str]:
-        return [f"{prefix}Traceback (most recent call last):", f'{prefix}  File "t.py", line 1, in <module>',
-                f"{prefix}    main()", f"{prefix}{error}"]
+        return [
+            f"{prefix}Traceback (most recent call last):",
+            f'{prefix}  File "t.py", line 1, in <module>',
+            f"{prefix}    main()",
+            f"{prefix}{error}",
+        ]
 
     pdsh = traceback("127.0.0.2: [rank1]: ", "ValueError: bad shard")
     assert rank_error(pdsh, 1) == "rank 1 on 127.0.0.2: ValueError: bad shard (exit status 1)"
     srun = ["0: starting"] + traceback("1: ", "OSError: no space")
     assert rank_error(srun, 1) == "rank 1: OSError: no space (exit status 1)"
     # The rank that noticed its peer died is not the cause; a chained exception reports its last link.
-    chained = (traceback("[rank0]: ", "RuntimeError: Connection closed by peer [127.0.0.1]:1")
-               + traceback("[rank1]: ", "KeyError: 'x'")
-               + ["[rank1]: ", "[rank1]: During handling of the above exception, another exception occurred:"]
-               + traceback("[rank1]: ", "RuntimeError: no key x"))
+    chained = (
+        traceback("[rank0]: ", "RuntimeError: Connection closed by peer [127.0.0.1]:1")
+        + traceback("[rank1]: ", "KeyError: 'x'")
+        + ["[rank1]: ", "[rank1]: During handling of the above exception, another exception occurred:"]
+        + traceback("[rank1]: ", "RuntimeError: no key x")
+    )
     assert rank_error(chained, 1) == "rank 1: RuntimeError: no key x (exit status 1)"
     assert rank_error(["just a line", ""], 7) == "a rank exited with status 7; last output: just a line"
 
@@ -195,7 +263,8 @@ def test_local_rank_that_raises_fails_the_launch_with_its_error(
     out, err = capsys.readouterr()
     assert rc != 0
     assert err.strip().splitlines()[-1] == (
-        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})")
+        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})"
+    )
 
 
 def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
@@ -205,19 +274,26 @@ def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
     out, err = capsys.readouterr()
     assert rc != 0
     assert err.strip().splitlines()[-1] == (
-        "launch failed: rank 0: probe rank 0 giving up with status 3 (exit status 3)")
+        "launch failed: rank 0: probe rank 0 giving up with status 3 (exit status 3)"
+    )
 
 
 def test_two_node_agents_with_no_ssh_finish_a_run_together(
     tmp_path: Path, deadline: None, secret_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # One DeepSpeed launcher per "node", as a scheduler would start them: same hostfile, address and port.
-    node = {"mode": "hostfile", "hostfile": str(two_host_file(tmp_path)), "no_ssh": True,
-            "master_addr": "127.0.0.1", "master_port": free_port()}
+    node = {
+        "mode": "hostfile",
+        "hostfile": str(two_host_file(tmp_path)),
+        "no_ssh": True,
+        "master_addr": "127.0.0.1",
+        "master_port": free_port(),
+    }
     configs = [cpu_config(**node, node_rank=rank) for rank in (0, 1)]
     with ThreadPoolExecutor(2) as pool:
-        codes = list(pool.map(lambda cfg: launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE),
-                              configs))
+        codes = list(
+            pool.map(lambda cfg: launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE), configs)
+        )
     out, err = capsys.readouterr()
     assert codes == [0, 0], err + out[-3000:]
     assert probe_lines(out) == [
@@ -276,12 +352,20 @@ def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 @pytest.mark.slow
 def test_hostfile_pdsh_launch_over_ssh_runs_both_hosts(
-    tmp_path: Path, loopback_sshd: tuple[int, Path], deadline: None, secret_env: None,
+    tmp_path: Path,
+    loopback_sshd: tuple[int, Path],
+    deadline: None,
+    secret_env: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port, ssh_config = loopback_sshd
-    cfg = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), ssh_port=port,
-                     ssh_options=["-F", str(ssh_config)], master_addr="127.0.0.1")
+    cfg = cpu_config(
+        mode="hostfile",
+        hostfile=str(two_host_file(tmp_path)),
+        ssh_port=port,
+        ssh_options=["-F", str(ssh_config)],
+        master_addr="127.0.0.1",
+    )
     rc = launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
     out, err = capsys.readouterr()
     assert rc == 0, err + out[-3000:]
@@ -297,8 +381,9 @@ def test_hostfile_launch_with_unreachable_host_fails_in_one_line(tmp_path: Path)
     if not shutil.which("pdsh") or not shutil.which("ssh"):
         pytest.skip("needs pdsh and ssh: run infra/install-test-deps.sh as root")
     closed_port = free_port()
-    cfg = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), ssh_port=closed_port,
-                     master_addr="127.0.0.1")
+    cfg = cpu_config(
+        mode="hostfile", hostfile=str(two_host_file(tmp_path)), ssh_port=closed_port, master_addr="127.0.0.1"
+    )
     with pytest.raises(LaunchError, match=r"cannot ssh to 127\.0\.0\.1 .*refused.*launch.ssh_port"):
         launch(cfg, [], program=PROBE)
 
@@ -308,10 +393,23 @@ def test_hostfile_launch_with_unreachable_host_fails_in_one_line(tmp_path: Path)
 
 def test_slurm_script_for_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    lc = cpu_config(mode="slurm", accelerator="auto", nnodes=4, gpus_per_node=8, cpus_per_task=12,
-                    partition="gpu", account="proj42", time="2-00:00:00", extra_sbatch=["--exclusive"]).launch
-    script = slurm_script(lc, "lejepa.train", ["--config", "run config.yaml", "--set", "loss.lamb=0.1"],
-                          log_path=tmp_path / "job.out")
+    lc = cpu_config(
+        mode="slurm",
+        accelerator="auto",
+        nnodes=4,
+        gpus_per_node=8,
+        cpus_per_task=12,
+        partition="gpu",
+        account="proj42",
+        time="2-00:00:00",
+        extra_sbatch=["--exclusive"],
+    ).launch
+    script = slurm_script(
+        lc,
+        "lejepa.train",
+        ["--config", "run config.yaml", "--set", "loss.lamb=0.1"],
+        log_path=tmp_path / "job.out",
+    )
     python = sys.executable
     assert script.splitlines() == [
         "#!/bin/bash",
@@ -333,7 +431,7 @@ def test_slurm_script_for_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         "export OMP_NUM_THREADS=12",
         "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 bash -c 'export RANK=$SLURM_PROCID "
-        "LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec \"$@\"' rank "
+        'LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"\' rank '
         f"{python} -u -m lejepa.train --config 'run config.yaml' --set loss.lamb=0.1",
     ]
 
@@ -376,7 +474,10 @@ def test_slurm_submit_without_sbatch_fails_in_one_line(
 
 
 def test_slurm_job_runs_every_rank_and_streams_its_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deadline: None, secret_env: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    deadline: None,
+    secret_env: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # sbatch, srun and scontrol stand-ins run the generated script as a one-node job on this machine.
@@ -405,7 +506,8 @@ def test_slurm_job_with_a_failing_rank_fails_with_its_error(
     err = capsys.readouterr().err
     assert rc != 0
     assert err.strip().splitlines()[-1] == (
-        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})")
+        f"launch failed: rank 1: RuntimeError: probe failure on rank 1 (exit status {rc})"
+    )
 
 
 def test_slurm_submit_without_wait_returns_once_submitted(
@@ -447,8 +549,11 @@ def test_interrupted_launch_stops_every_rank(
 
     threading.Thread(target=interrupt_once_hanging, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        launch(cpu_config(launcher="deepspeed"), ["--hang-rank", "0", "--hang-file", str(hang_file)],
-               program=PROBE)
+        launch(
+            cpu_config(launcher="deepspeed"),
+            ["--hang-rank", "0", "--hang-file", str(hang_file)],
+            program=PROBE,
+        )
     end = time.monotonic() + 10
     while _processes_naming(str(hang_file)) and time.monotonic() < end:
         time.sleep(0.05)

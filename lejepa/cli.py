@@ -1,0 +1,68 @@
+"""What every stage command shares: `--config FILE --set key=value ...` in, one JSON line out.
+
+Errors a user can cause (an invalid config, storage or data problems, a stage's own user errors) end as
+one `error: ...` line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.sources import DataError
+from lejepa.storage import StorageError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, DataError)
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the `--config` and `--set` options every stage takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="pipeline YAML config (defaults apply when omitted)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set loss.lamb=0.1 (repeatable)",
+    )
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    """The same `--config/--set` arguments, for a program this one starts (e.g. every training rank)."""
+    return (["--config", args.config] if args.config else []) + [
+        a for o in args.overrides for a in ("--set", o)
+    ]
+
+
+def as_json(summary: Any) -> Any:
+    if isinstance(summary, BaseModel):
+        return summary.model_dump(mode="json")
+    if dataclasses.is_dataclass(summary) and not isinstance(summary, type):
+        return dataclasses.asdict(summary)
+    return summary
+
+
+def run_stage(stage: Callable[[], Any], *user_errors: type[Exception]) -> int:
+    """Run `stage`; print its summary as the last line (0), or a user error as one line (2)."""
+    try:
+        summary = stage()
+    except (*USER_ERRORS, *user_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if summary is not None:
+        print(json.dumps(as_json(summary), default=str), flush=True)
+    return 0

@@ -1,0 +1,69 @@
+"""The typed pipeline config: YAML in, `--set` overrides, errors that name the field."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lejepa import __version__
+from lejepa.config import ConfigError, load_config, redacted
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(None, ["loss.lamb=0.1", "views.global_scale=[0.4, 1.0]", "pretrain.max_steps=7"])
+    assert cfg.loss.lamb == 0.1 and cfg.views.global_scale == (0.4, 1.0) and cfg.pretrain.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("loss.lamb=2", "loss.lamb"),
+        ("views.local_views=-1", "views.local_views"),
+        ("pretrain.zero_stage=4", "pretrain.zero_stage"),
+    ],
+)
+def test_an_invalid_value_names_its_field(override, field):
+    with pytest.raises(ConfigError, match=rf"^invalid config: {field}: "):
+        load_config(None, [override])
+
+
+def test_unknown_keys_and_bad_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="model.backbon"):
+        load_config(None, ["model.backbon=resnet50"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must map sections"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["loss.lamb"])
+
+
+def test_shipped_profiles_are_valid():
+    gpu = load_config(INFRA / "gpu.yaml")
+    assert (
+        gpu.pretrain.precision == "bf16" and "vit" in gpu.model.backbone and gpu.launch.accelerator == "cuda"
+    )
+
+
+def test_redacted_blanks_credentials():
+    cfg = load_config(None, ["storage.access_key_id=AKIAEXAMPLE", "storage.secret_access_key=s3cr3t"])
+    tree = redacted(cfg)
+    assert "AKIAEXAMPLE" not in str(tree) and "s3cr3t" not in str(tree)
+
+
+def test_console_script_prints_version_and_help():
+    run = [sys.executable, "-m", "flows.cli"]
+    assert (
+        subprocess.run([*run, "version"], capture_output=True, text=True, check=True).stdout.strip()
+        == __version__
+    )
+    usage = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(name in usage for name in ("shard", "pretrain", "evaluate", "publish", "run", "demo"))
+    bad = subprocess.run([*run, "shard", "--set", "loss.lamb=5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: invalid config: loss.lamb"
+    )
