@@ -10,11 +10,8 @@ folder and its first rank uploads it; resuming downloads the tag before loading.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -44,11 +41,7 @@ class CheckpointStore:
         self.storage = storage
         self.url = f"{run_url}/checkpoints"
         self.keep = keep
-        if storage.protocol == "file":
-            self.local_dir = Path(storage._path(self.url))
-        else:
-            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-            self.local_dir = Path(tempfile.gettempdir()) / "lejepa-checkpoints" / digest
+        self.local_dir = storage.local_dir(self.url)
         self.remote = storage.protocol != "file"
 
     def latest(self) -> dict[str, Any] | None:

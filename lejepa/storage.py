@@ -12,6 +12,7 @@ directory and renamed; an S3 object is uploaded in one put, which S3 makes visib
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -127,6 +128,17 @@ class Storage:
                 raise StorageError(f"{url} is not on {self.root}: use a Storage bound to that URL")
             return path
         return self._path(self.url(url))
+
+    def local_dir(self, url: str) -> Path:
+        """A local folder standing for `url`, for tools that only write local files (DeepSpeed, appends).
+
+        On a local root it is the folder itself; on a remote one, a scratch folder named by the URL's hash,
+        the same for every process on this machine, whose files the caller uploads.
+        """
+        if self.protocol == "file":
+            return Path(self._path(url))
+        digest = hashlib.sha256(self._url(self._path(url)).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "lejepa-scratch" / digest
 
     def _url(self, path: str) -> str:
         return path if self.protocol == "file" else f"{self.protocol}://{path}"

@@ -239,9 +239,9 @@ class Progress:
 class MetricsLog:
     """Rank 0's per-step JSON lines, kept locally and copied to the run folder at every checkpoint."""
 
-    def __init__(self, storage: Storage, run_url: str, local_dir: Path) -> None:
+    def __init__(self, storage: Storage, run_url: str) -> None:
         self.storage, self.url = storage, f"{run_url}/metrics.jsonl"
-        self.local = local_dir / "metrics.jsonl"
+        self.local = storage.local_dir(run_url) / "metrics.jsonl"
         self.local.parent.mkdir(parents=True, exist_ok=True)
 
     def restart_at(self, step: int) -> None:
@@ -257,7 +257,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def sync(self) -> None:
-        if self.local.exists() and self.storage._path(self.url) != str(self.local):
+        if self.local.exists() and self.storage.protocol != "file":
             self.storage.put_file(self.local, self.url)
 
 
@@ -274,9 +274,6 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     storage = Storage.from_config(cfg.storage)
     manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
     run_url = storage.url("runs", p.run_name)
-    local_run = (
-        Path(storage._path(run_url)) if storage.protocol == "file" else Path("/tmp/lejepa-runs") / p.run_name
-    )
 
     views = MultiCropViews.from_config(
         cfg.views,
@@ -338,7 +335,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         else None
     )
     checkpoints = CheckpointStore(storage, run_url)
-    metrics = MetricsLog(storage, run_url, local_run)
+    metrics = MetricsLog(storage, run_url)
     client_state = checkpoints.load(engine)
     step = 0
     if client_state is not None:
