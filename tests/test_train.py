@@ -25,6 +25,7 @@ from lejepa.config import load_config
 from lejepa.launch import free_port
 from lejepa.pretrain import PretrainFailed, run_pretrain
 from lejepa.shard import write_shards
+from lejepa.storage import Storage
 
 # Small enough for two ranks on two cores: a few seconds a step, losses still clearly falling.
 BASE = {
@@ -158,3 +159,28 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     marker = store / "runs" / "diverges" / "checkpoints" / "latest.json"
     assert json.loads(marker.read_text())["step"] == 1
     assert not (store / "runs" / "diverges" / "encoder.json").exists()
+
+
+def test_checkpoints_and_resume_on_s3(
+    tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Credentials come from the AWS_* environment (the aws_env fixture); every rank inherits it.
+    root = f"s3://{bucket}/store"
+    write_shards(load_config(None, [f"storage.root={root}", "data.source=digits"]), progress=False)
+    config = tmp_path / "cfg.yaml"
+    tree = yaml.safe_load(write_config(config, tmp_path, "on-s3").read_text())
+    tree["storage"] = {"root": root}
+    config.write_text(yaml.safe_dump(tree))
+
+    first = pretrain(config, "pretrain.max_steps=4", "pretrain.checkpoint_every=2")
+    capsys.readouterr()
+    resumed = pretrain(config, "pretrain.max_steps=6", "pretrain.checkpoint_every=2")
+    assert "resuming at step 4" in capsys.readouterr().out  # downloaded from S3, not restarted
+
+    storage = Storage(root)
+    assert first["steps"] == 4 and resumed["steps"] == 6
+    assert storage.read_json(f"{root}/runs/on-s3/checkpoints/latest.json")["step"] == 6
+    log = [json.loads(line) for line in storage.read_bytes(f"{root}/runs/on-s3/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    encoder = lejepa.load_encoder(resumed["encoder"], storage)
+    assert encoder(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)).shape == (2, encoder.embed_dim)
