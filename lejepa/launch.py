@@ -214,7 +214,11 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
                 return f"{_who(prefix)}: {error} (exit status {returncode})"
         said = [line.split(f"[rank{rank}]: ", 1)[1] for line in lines if f"[rank{rank}]: " in line]
         said = [text.strip() for text in said if text.strip()]
-        return f"rank {rank}: {said[-1] if said else 'no output'} (exit status {returncode})"
+        # torchrun tails a rank's stdout and stderr separately, so an old stdout line can arrive after the
+        # rank's dying words; a stage's `error: ...` line (lejepa.cli) is the reliable one when present.
+        errors = [text for text in said if text.startswith("error: ")]
+        last = (errors or said or ["no output"])[-1]
+        return f"rank {rank}: {last} (exit status {returncode})"
     # Otherwise the first traceback that is a cause, not a peer noticing that another rank died.
     causes = [(p, e) for p, e in tracebacks if not any(s in e for s in _PEER_DIED)]
     if causes:

@@ -274,7 +274,7 @@ def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
     out, err = capsys.readouterr()
     assert rc != 0
     assert err.strip().splitlines()[-1] == (
-        "launch failed: rank 0: probe rank 0 giving up with status 3 (exit status 3)"
+        "launch failed: rank 0: error: probe rank 0 giving up with status 3 (exit status 3)"
     )
 
 

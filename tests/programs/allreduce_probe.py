@@ -37,7 +37,8 @@ def main() -> int:
     if rank == args.fail_rank:
         raise RuntimeError(f"probe failure on rank {rank}")
     if rank == args.exit_rank:
-        print(f"probe rank {rank} giving up with status {args.exit_code}", file=sys.stderr, flush=True)
+        # The one-line `error: ...` a stage prints on a user error (lejepa.cli.run_stage).
+        print(f"error: probe rank {rank} giving up with status {args.exit_code}", file=sys.stderr, flush=True)
         os._exit(args.exit_code)
     if rank == args.hang_rank:
         open(args.hang_file, "w").close()
