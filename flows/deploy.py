@@ -11,12 +11,11 @@ nothing else: a `process` pool on this machine, or a Docker / Kubernetes pool wh
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 from uuid import UUID
 
-from lejepa.cli import config_from, stage_parser
-from lejepa.config import ConfigError, PipelineConfig
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import PipelineConfig, blank_credentials
 
 WORK_POOL = "lejepa"
 NIGHTLY_CRON = "0 2 * * *"
@@ -27,10 +26,7 @@ def default_parameters(cfg: PipelineConfig) -> dict[str, Any]:
 
     Deployments live in the Prefect database; credentials belong to the worker's environment (AWS_*).
     """
-    tree = cfg.model_dump(mode="json")
-    for key in ("access_key_id", "secret_access_key", "session_token"):
-        tree["storage"][key] = None
-    return {"config": tree}
+    return {"config": blank_credentials(cfg.model_dump(mode="json"), placeholder=None)}
 
 
 def deployments(cfg: PipelineConfig, cron: str = NIGHTLY_CRON, image: str | None = None) -> list[Any]:
@@ -88,15 +84,13 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"nightly schedule (default '{NIGHTLY_CRON}')")
     parser.add_argument("--image", help="container image for Docker/Kubernetes pools (built elsewhere)")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        ids = deploy_all(cfg, args.work_pool, args.cron, args.image)
-    except ValueError as exc:  # e.g. the work pool does not exist
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"registered {len(ids)} deployments on work pool '{args.work_pool}'")
-    return 0
+
+    def report(ids: list[UUID]) -> int:
+        print(f"registered {len(ids)} deployments on work pool '{args.work_pool}'")
+        return 0
+
+    return run_stage(
+        lambda: deploy_all(config_from(args), args.work_pool, args.cron, args.image),
+        ValueError,  # e.g. the work pool does not exist
+        report=report,
+    )

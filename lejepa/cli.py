@@ -56,13 +56,20 @@ def as_json(summary: Any) -> Any:
     return summary
 
 
-def run_stage(stage: Callable[[], Any], *user_errors: type[Exception]) -> int:
-    """Run `stage`; print its summary as the last line (0), or a user error as one line (2)."""
+def print_summary(summary: Any) -> int:
+    """The default report: the summary as one JSON line (nothing for None), exit status 0."""
+    if summary is not None:
+        print(json.dumps(as_json(summary), default=str), flush=True)
+    return 0
+
+
+def run_stage(
+    stage: Callable[[], Any], *user_errors: type[Exception], report: Callable[[Any], int] = print_summary
+) -> int:
+    """Run `stage` and `report` its result (the exit status), or print a user error as one line (2)."""
     try:
         summary = stage()
     except (*USER_ERRORS, *user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    if summary is not None:
-        print(json.dumps(as_json(summary), default=str), flush=True)
-    return 0
+    return report(summary)

@@ -6,6 +6,7 @@ value fails with the dotted name of the field, e.g. ``views.global_views: Input 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -314,10 +315,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"invalid config: {field}: {first['msg']}") from None
 
 
+CREDENTIAL_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+"""The `storage` fields that hold secrets: never written to files, parameters, artifacts or logs."""
+
+
+def blank_credentials(tree: dict[str, Any], placeholder: str | None = "**redacted**") -> dict[str, Any]:
+    """A copy of a config tree (as `model_dump(mode="json")` gives) with every set credential replaced."""
+    tree = copy.deepcopy(tree)
+    storage = tree.get("storage") or {}
+    for key in CREDENTIAL_FIELDS:
+        if storage.get(key) is not None:
+            storage[key] = placeholder
+    return tree
+
+
 def redacted(cfg: PipelineConfig) -> dict[str, Any]:
     """The config as JSON-ready data with storage credentials blanked, for run folders and model cards."""
-    tree = cfg.model_dump(mode="json")
-    for key in ("access_key_id", "secret_access_key", "session_token"):
-        if tree["storage"].get(key):
-            tree["storage"][key] = "**redacted**"
-    return tree
+    return blank_credentials(cfg.model_dump(mode="json"))

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lejepa.cli import config_from, stage_parser
-from lejepa.config import ConfigError, PipelineConfig
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import PipelineConfig
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder
 from lejepa.sigreg import SIGReg
-from lejepa.sources import DataError, FashionMNIST
+from lejepa.sources import FashionMNIST
 from lejepa.views import MultiCropViews
 
 
@@ -82,17 +82,19 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=10_000, help="Fashion-MNIST training images to load")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        images = load_fashion_mnist_train(args.samples)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    losses = train_minimal(images, cfg, steps=args.steps, batch_size=args.batch_size)
+    return run_stage(
+        lambda: train_minimal(
+            load_fashion_mnist_train(args.samples),
+            config_from(args),
+            steps=args.steps,
+            batch_size=args.batch_size,
+        ),
+        report=_report_losses,
+    )
+
+
+def _report_losses(losses: list[float]) -> int:
+    """One JSON line comparing the first and last steps; exit status 1 when the loss did not go down."""
     window = max(1, min(10, len(losses) // 3))
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     print(json.dumps({"steps": len(losses), "first_loss": round(first, 4), "last_loss": round(last, 4)}))

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lejepa.cli import config_from, forwarded, run_stage, stage_parser
-from lejepa.config import PipelineConfig
+from lejepa.config import PipelineConfig, blank_credentials
 from lejepa.launch import LaunchError, launch
 from lejepa.storage import Storage
 
@@ -43,13 +43,12 @@ def launch_inputs(cfg: PipelineConfig, folder: Path) -> tuple[list[str], dict[st
     returned as AWS_* variables instead, so nothing on disk holds them. `folder` must be readable by every
     rank (for hostfile and Slurm launches: a shared file system).
     """
-    tree = cfg.model_dump(mode="json")
+    tree = blank_credentials(cfg.model_dump(mode="json"), placeholder=None)
     env: dict[str, str] = {}
     for key, name in CREDENTIAL_ENV.items():
         value = getattr(cfg.storage, key)
         if value is not None:
             env[name] = value if isinstance(value, str) else value.get_secret_value()
-        tree["storage"][key] = None
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return ["--config", str(path)], env

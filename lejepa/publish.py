@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lejepa.cli import config_from, run_stage, stage_parser
-from lejepa.config import ConfigError, PipelineConfig, redacted
+from lejepa.config import ConfigError, PipelineConfig, blank_credentials, redacted
 from lejepa.evaluate import METRICS, sha256_of
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
 from lejepa.report import FIGURE, results_table
@@ -38,7 +38,6 @@ from lejepa.storage import Storage
 RELEASE, LATEST, CARD = "release.json", "latest.json", "README.md"
 # Fault injection for the crash-safety test: SIGKILL this process after N release files are written.
 CRASH_AFTER_ENV = "LEJEPA_PUBLISH_CRASH_AFTER"
-CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "session_token")
 
 
 class PublishError(RuntimeError):
@@ -110,15 +109,6 @@ def promotion_decision(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _clean_config(tree: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config tree with storage credentials blanked, whatever wrote it."""
-    tree = json.loads(json.dumps(tree))
-    for key in CREDENTIAL_KEYS:
-        if tree.get("storage", {}).get(key):
-            tree["storage"][key] = "**redacted**"
-    return tree
 
 
 def model_card(
@@ -193,7 +183,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             f"{run_url}/{METRICS} is for other weights than {WEIGHTS}: run `lejepa-pipeline evaluate` again"
         )
     config_url = f"{run_url}/config.json"
-    config = _clean_config(storage.read_json(config_url) if storage.exists(config_url) else redacted(cfg))
+    config = blank_credentials(storage.read_json(config_url) if storage.exists(config_url) else redacted(cfg))
 
     version = base = release_version(weights_sha256)
     for attempt in itertools.count(2):  # the same weights published twice in one second get -2, -3, ...
