@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from lejepa.config import PipelineConfig, load_config
 from lejepa.evaluate import run_evaluate
@@ -24,30 +25,15 @@ from lejepa.pretrain import run_pretrain
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
 
-# CPU settings: a stock ResNet-18 (its 4x stem keeps it cheap) on 32 px global and 16 px local views, the
-# configuration ENVIRONMENT.md times at ~0.43 s a step on 2 idle cores, i.e. ~2000 steps (~4.5 epochs) in
-# 15 minutes. A CIFAR-style stem (model.small_input=true) at 28 px costs ~10x more per step on this CPU.
-SETTINGS = [
-    "data.source=fashion-mnist",
-    "model.backbone=resnet18",
-    "model.small_input=false",
-    "views.global_views=2",
-    "views.local_views=4",
-    "views.global_size=32",
-    "views.local_size=16",
-    "pretrain.batch_size=128",
-    "pretrain.lr=2e-3",
-    "loss.lamb=0.05",
-    "loss.num_slices=512",
-    "launch.nproc_per_node=1",
-    "pretrain.checkpoint_every=500",
-]
+PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
+"""The tuned CPU settings (a quarter-width CIFAR-style ResNet-18, 28/14 px views); see the file."""
 TARGET_TOP1, TARGET_MARGIN = 0.88, 0.03
 
 
 def _config(root: str, run_name: str, extra: list[str]) -> tuple[PipelineConfig, list[str]]:
-    overrides = [f"storage.root={root}", *SETTINGS, f"pretrain.run_name={run_name}", *extra]
-    return load_config(None, overrides), [a for o in overrides for a in ("--set", o)]
+    overrides = [f"storage.root={root}", f"pretrain.run_name={run_name}", *extra]
+    args = ["--config", str(PROFILE), *(a for o in overrides for a in ("--set", o))]
+    return load_config(PROFILE, overrides), args
 
 
 def seconds_per_step(root: str, extra: list[str], steps: int = 10) -> float:

@@ -123,7 +123,8 @@ class PretrainConfig(Section):
     """Global gradient-norm clip; 0 turns clipping off."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on CUDA, fp32 on the CPU."""
+    """auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere. Weights, the
+    optimizer and the loss stay float32 (DeepSpeed keeps fp32 master weights)."""
     num_workers: int = Field(1, ge=0)
     """Data-loader worker processes per rank (decoding and the multi-crop views run there)."""
     checkpoint_every: int = Field(100, gt=0)
@@ -198,11 +199,12 @@ class EvaluateConfig(Section):
     """Images per batch of feature extraction."""
     num_workers: int = Field(1, ge=0)
     """Loader worker processes decoding images during feature extraction."""
-    probe_epochs: int = Field(30, gt=0)
-    """Linear-probe epochs over the cached features (30 x 54k x 512 takes ~10-40 s on 2 cores)."""
+    probe_epochs: int = Field(100, gt=0)
+    """Linear-probe epochs over the cached features (100 x 54k x 256 takes ~15-30 s on 2 cores). Fewer
+    underfit: on a Fashion-MNIST encoder 30 epochs at lr 2e-3 scored 85.4% where 100 at 1e-2 reached 87.3%."""
     probe_batch_size: int = Field(1024, gt=0)
     """Cached features per linear-probe step."""
-    probe_lr: float = Field(2e-3, gt=0)
+    probe_lr: float = Field(1e-2, gt=0)
     """Peak AdamW learning rate of the linear probe (after the warm-up; a cosine decays it to 0)."""
     probe_weight_decay: float = Field(1e-6, ge=0)
     """AdamW weight decay of the linear probe (the paper's 1e-6)."""
@@ -216,6 +218,8 @@ class EvaluateConfig(Section):
     """Also score the same architecture at random initialisation and logistic regression on raw pixels."""
     pixel_size: int = Field(32, gt=0)
     """Raw-pixel baseline: images larger than this are area-downsampled to pixel_size x pixel_size first."""
+    calibration_samples: int = Field(2048, gt=1)
+    """Training images that set the random-init baseline's BatchNorm statistics (its weights stay random)."""
     diagnostic_samples: int = Field(1024, gt=1)
     """Held-out (test split) images the label-free diagnostics use: RankMe, SIGReg, the LeJEPA loss."""
 

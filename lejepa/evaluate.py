@@ -50,7 +50,7 @@ from lejepa.storage import Storage
 from lejepa.views import MultiCropViews
 
 METRICS = "metrics.json"
-FEATURES_FORMAT = 1
+FEATURES_FORMAT = 2  # 2: the random-init baseline's BatchNorm is calibrated
 ENCODER, RANDOM_INIT, RAW_PIXELS = "encoder", "random_init", "raw_pixels"
 
 
@@ -121,6 +121,25 @@ def cached_features(
         save_file(tensors, str(local), metadata={"format": str(FEATURES_FORMAT)})
         storage.put_file(local, url)
         return tensors, False
+
+
+def calibrate_batchnorm(frozen: FrozenEncoder, images: Tensor, batch_size: int) -> None:
+    """Set the BatchNorm running statistics of `frozen` to the batch statistics of `images`, in place.
+
+    At initialisation they are 0 and 1, which no activation of a real image has, so a random network in
+    eval mode collapses its features (RankMe ~4 on Fashion-MNIST) and would be a straw-man baseline. The
+    weights stay random; only what BatchNorm assumes about its input is measured (an exact average over
+    the batches of `images`, not a moving one).
+    """
+    norms = [m for m in frozen.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    if norms and len(images):
+        frozen.train()
+        for batch in images.split(batch_size):
+            frozen(batch)
+        frozen.eval()
 
 
 # -- diagnostics --------------------------------------------------------------------------------------
@@ -291,6 +310,11 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     random_encoder = FrozenEncoder(random_backbone, description)
     extractors: dict[str, Callable[[Tensor], Tensor]] = {ENCODER: encoder}
     if e.baselines:
+        calibrate_batchnorm(
+            random_encoder,
+            _first_images(manifest, storage, e.train_split, e.calibration_samples, e.batch_size),
+            e.batch_size,
+        )
         extractors[RANDOM_INIT] = random_encoder
         extractors[RAW_PIXELS] = lambda images: pixel_features(images, e.pixel_size)
 

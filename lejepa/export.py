@@ -37,7 +37,8 @@ class FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         d = self.description
-        return self.backbone(eval_view(images, self.img_size, d["mean"], d["std"]))
+        view = eval_view(images, self.img_size, d["mean"], d["std"])
+        return self.backbone(view.contiguous(memory_format=torch.channels_last))  # see Encoder.forward_views
 
 
 def encoder_description(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -32,10 +33,11 @@ def lejepa_loss(
         raise ValueError(f"projections must be (views, batch, dim), got shape {tuple(projections.shape)}")
     if not 1 <= num_global <= projections.shape[0]:
         raise ValueError(f"num_global must be in [1, {projections.shape[0]}], got {num_global}")
+    # At least float32 whatever the model's precision: bf16's 8-bit mantissa is too coarse for these means.
+    projections = projections.to(torch.promote_types(projections.dtype, torch.float32))
     target = projections[:num_global].mean(dim=0)
     prediction = (projections - target).square().mean()
     # SIGReg on (V, N, P) averages the per-view statistics: each view's batch is tested separately.
     regulariser = sigreg(projections)
     total = (1.0 - lamb) * prediction + lamb * regulariser
     return LeJEPALoss(total, prediction, regulariser)
-

@@ -51,17 +51,17 @@ def linear_probe(
     train_labels: Tensor,
     test_features: Tensor,
     num_classes: int | None = None,
-    epochs: int = 30,
+    epochs: int = 100,
     batch_size: int = 1024,
-    lr: float = 2e-3,
+    lr: float = 1e-2,
     weight_decay: float = 1e-6,
     warmup_fraction: float = 0.1,
     seed: int = 0,
 ) -> Tensor:
     """Train LayerNorm + Linear on the training features; returns the predicted classes of `test_features`.
 
-    Mini-batches of precomputed features keep it fast on a CPU: 54k x 512 features for 30 epochs of 1024 is
-    ~1600 small steps, about 10-60 s on 2 shared cores.
+    Mini-batches of precomputed features keep it fast on a CPU: 54k x 256 features for 100 epochs of 1024
+    is ~5300 small steps, about 15-30 s on 2 shared cores (raw 784-pixel features take ~35 s).
     """
     _check(train_features, train_labels, "linear_probe")
     num_classes = num_classes or int(train_labels.max()) + 1

@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 import lejepa.evaluate as evaluate
 from lejepa.config import PipelineConfig, load_config
-from lejepa.export import encoder_description, export_encoder
-from lejepa.model import Encoder
+from lejepa.export import FrozenEncoder, encoder_description, export_encoder
+from lejepa.model import Encoder, create_backbone
+from lejepa.probes import effective_rank
 from lejepa.shard import ShardManifest, locate_manifest, write_shards
 from lejepa.storage import Storage
+from lejepa.views import eval_view
 
 FAST = {
     "evaluate": {
@@ -153,3 +156,22 @@ def test_missing_encoder_is_one_error_line(tmp_path: Path, capsys: pytest.Captur
     assert evaluate.cli(["--set", f"storage.root={tmp_path}", "--set", "pretrain.run_name=nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no exported encoder in ")
+
+
+def test_calibrated_batchnorm_holds_the_data_statistics() -> None:
+    """The random-init baseline's BatchNorm measures its input (its initial 0/1 statistics collapse the
+    features in eval mode); the weights stay random."""
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", in_chans=1)
+    description = encoder_description("resnet18", {}, 1, 32, False, backbone.num_features, [0.3], [0.3])
+    frozen = FrozenEncoder(backbone, description)
+    weights = backbone.conv1.weight.clone()
+    images = torch.randint(0, 256, (192, 1, 32, 32), dtype=torch.uint8)
+    rank_before = effective_rank(frozen(images))
+    evaluate.calibrate_batchnorm(frozen, images, batch_size=64)
+    assert not frozen.training
+    with torch.no_grad():
+        stem = backbone.conv1(eval_view(images, 32, [0.3], [0.3]))
+    torch.testing.assert_close(backbone.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(backbone.conv1.weight, weights)
+    assert effective_rank(frozen(images)) > 2 * rank_before

@@ -44,3 +44,20 @@ def test_identical_views_have_no_prediction_loss_and_gradients_reach_every_view(
 def test_bad_shapes_are_refused(shape, num_global):
     with pytest.raises(ValueError):
         lejepa_loss(torch.randn(*shape), num_global, SIGReg(num_slices=4))
+
+
+def test_bf16_projections_get_a_float32_loss():
+    """A bf16 model's projections are scored in float32: the same loss as their float32 values give."""
+    torch.manual_seed(0)
+    projections = torch.randn(4, 64, 16).bfloat16().requires_grad_()
+    directions = torch.nn.functional.normalize(torch.randn(16, 32), dim=0)
+
+    def sigreg(z):  # fixed slices: SIGReg itself draws new ones every step
+        return sliced_epps_pulley(z, directions)
+
+    loss = lejepa_loss(projections, 2, sigreg)
+    reference = lejepa_loss(projections.detach().float(), 2, sigreg)
+    assert loss.total.dtype == torch.float32
+    torch.testing.assert_close(loss.total, reference.total)
+    loss.total.backward()
+    assert projections.grad is not None and projections.grad.dtype == torch.bfloat16
