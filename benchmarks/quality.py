@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/quality.py [--root DIR] [--budget-min 15] [--set key=value ...]
 
-Pretraining gets a wall-clock budget (15 minutes by default): a short calibration run measures the seconds
-per step of these settings on this machine, and the real run trains for as many steps as fit in the
+The settings are the tuned CPU profile, `infra/cpu.yaml` (`--set` overrides it). Pretraining gets a
+wall-clock budget (15 minutes by default): a short calibration run measures the seconds per step here, and the real run trains for as many steps as fit in the
 budget (the cosine schedule spans exactly those steps). Then the evaluate stage scores the encoder beside
 the same architecture at random initialisation and logistic regression on raw pixels, on the same splits.
 

@@ -8,8 +8,8 @@ number of steps after a warm-up:
   the fraction of each step spent waiting for data come from the run's metrics log;
 - baseline: `lejepa.minimal.MinimalTrainer`, a plain loop (forward, backward, AdamW) on views that are
   made before the clock starts, so it measures pure compute: the strictest baseline there is. When ours
-  trains in bf16 (`pretrain.precision`, auto: on CPUs with native bf16), the baseline runs under bf16
-  autocast, so both sides use the same arithmetic.
+  trains in bf16 (`pretrain.precision=bf16`), the baseline runs under bf16 autocast, so both sides use
+  the same arithmetic.
 
 Targets: ours >= 0.9x the baseline's images/s, data wait < 5%.
 

@@ -102,17 +102,10 @@ def _is_vit(backbone: str) -> bool:
     return any(key in backbone for key in ("vit", "deit", "eva", "beit"))
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), on which oneDNN runs a
-    bf16 ConvNet step ~1.8x faster than fp32; without them bf16 is emulated and slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, since torch 2.3
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for this run; keys of `pretrain.deepspeed_config` (a file) override ours."""
     p = cfg.pretrain
-    bf16 = p.precision == "bf16" or (p.precision == "auto" and (use_cuda or native_bf16_cpu()))
+    bf16 = p.precision == "bf16" or (p.precision == "auto" and use_cuda)
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": p.batch_size,
         "gradient_accumulation_steps": p.grad_accum,
