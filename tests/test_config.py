@@ -50,7 +50,7 @@ def test_shipped_profiles_are_valid():
     assert (
         gpu.pretrain.precision == "bf16" and "vit" in gpu.model.backbone and gpu.launch.accelerator == "cuda"
     )
-    # The CPU profile's quarter-width CIFAR-style ResNet keeps a 4x4 map of a 28 px image (stock: 1x1).
+    # The CPU profile's half-width CIFAR-style ResNet keeps a 4x4 map of a 28 px image (stock: 1x1).
     cpu = load_config(INFRA / "cpu.yaml")
     encoder = Encoder.from_config(cpu.model, in_chans=1, img_size=cpu.views.global_size)
     assert encoder.backbone.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 256, 4, 4)
