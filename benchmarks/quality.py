@@ -5,8 +5,8 @@
 The settings are the tuned CPU profile, `infra/cpu.yaml` (`--set` overrides it). Pretraining gets a
 wall-clock budget (15 minutes by default): a short calibration run measures the seconds per step here,
 and the real run trains for as many steps as fit in the budget (the cosine schedule spans exactly those
-steps). Then the evaluate stage scores the encoder beside
-the same architecture at random initialisation and logistic regression on raw pixels, on the same splits.
+steps). Then the evaluate stage scores the encoder beside the same architecture at random initialisation
+and logistic regression on raw pixels, on the same splits.
 
 Target: linear-probe top-1 >= 88% and >= raw pixels + 3 points. Prints the table, then a JSON line.
 """
