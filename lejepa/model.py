@@ -143,7 +143,8 @@ class Encoder(nn.Module):
                 raise ValueError(f"forward_views expects (views, batch, C, H, W), got {tuple(views.shape)}")
             if views.shape[0] > 0:  # e.g. a run with local_views=0
                 # NHWC input makes oneDNN and cuDNN run the whole ConvNet in NHWC, their fastest layout
-                # (~1.15x a ConvNet step on this CPU). The weights stay NCHW: DeepSpeed's flat buffers need that.
+                # (~1.15x a ConvNet step on this CPU). The weights stay NCHW, as DeepSpeed's flat buffers
+                # need.
                 images = views.flatten(0, 1).contiguous(memory_format=torch.channels_last)
                 embeddings.append(self.backbone(images).unflatten(0, views.shape[:2]))
         if not embeddings:
