@@ -332,6 +332,9 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
                     sorted(extractors),
                     cfg.seed,
                     e.pixel_size,
+                    # the random-init baseline's BatchNorm statistics come from these images
+                    e.train_split,
+                    e.calibration_samples,
                 ]
             ).encode()
         ).hexdigest()[:16]

@@ -131,6 +131,22 @@ def test_retry_reads_features_from_the_cache(
     assert sum("cache" in note for note in again.notes) == 2
 
 
+def test_other_baseline_calibration_is_not_read_from_the_cache(
+    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[object] = []
+    extract = evaluate.extract_features
+
+    def counting(*args: object, **kwargs: object) -> dict:
+        computed.append(args)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "extract_features", counting)
+    cfg = load_config(digits_run, ["evaluate.calibration_samples=64"])
+    again = evaluate.run_evaluate(cfg)
+    assert len(computed) == 2 and not any("cache" in note for note in again.notes)
+
+
 def test_unlabelled_data_skips_probes_but_not_diagnostics(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
