@@ -183,7 +183,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             f"{run_url}/{METRICS} is for other weights than {WEIGHTS}: run `lejepa-pipeline evaluate` again"
         )
     config_url = f"{run_url}/config.json"
-    config = blank_credentials(storage.read_json(config_url) if storage.exists(config_url) else redacted(cfg))
+    config = blank_credentials(storage.read_json(config_url)) if storage.exists(config_url) else redacted(cfg)
 
     version = base = release_version(weights_sha256)
     for attempt in itertools.count(2):  # the same weights published twice in one second get -2, -3, ...
