@@ -108,6 +108,18 @@ def extract_features(
     return {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
 
 
+def in_precision(network: Callable[[Tensor], Tensor], precision: str) -> Callable[[Tensor], Tensor]:
+    """`network` run under bfloat16 autocast for precision "bf16" (float32 features out), else as is."""
+    if precision == "fp32":
+        return network
+
+    def extract(images: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return network(images).float()
+
+    return extract
+
+
 def cached_features(
     storage: Storage, url: str, compute: Callable[[], dict[str, Tensor]]
 ) -> tuple[dict[str, Tensor], bool]:
@@ -308,14 +320,14 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             **description["backbone_kwargs"],
         )
     random_encoder = FrozenEncoder(random_backbone, description)
-    extractors: dict[str, Callable[[Tensor], Tensor]] = {ENCODER: encoder}
+    extractors: dict[str, Callable[[Tensor], Tensor]] = {ENCODER: in_precision(encoder, e.precision)}
     if e.baselines:
         calibrate_batchnorm(
             random_encoder,
             _first_images(manifest, storage, e.train_split, e.calibration_samples, e.batch_size),
             e.batch_size,
         )
-        extractors[RANDOM_INIT] = random_encoder
+        extractors[RANDOM_INIT] = in_precision(random_encoder, e.precision)
         extractors[RAW_PIXELS] = lambda images: pixel_features(images, e.pixel_size)
 
     features: dict[str, dict[str, Tensor]] = {}
@@ -332,6 +344,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
                     sorted(extractors),
                     cfg.seed,
                     e.pixel_size,
+                    e.precision,
                     # the random-init baseline's BatchNorm statistics come from these images
                     e.train_split,
                     e.calibration_samples,
@@ -410,6 +423,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
                 f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, "
                 f"warm-up {e.probe_warmup_fraction} + cosine"
             ),
+            "features": f"one deterministic view per image, networks in {e.precision}",
             "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
             "raw_pixels": "both probes on standardised, flattened pixels (linear probe: logistic regression)",
             "diagnostics": f"first {e.diagnostic_samples} samples of the {test_split} split",

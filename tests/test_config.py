@@ -50,11 +50,13 @@ def test_shipped_profiles_are_valid():
     assert (
         gpu.pretrain.precision == "bf16" and "vit" in gpu.model.backbone and gpu.launch.accelerator == "cuda"
     )
-    # The CPU profile's half-width CIFAR-style ResNet keeps a 4x4 map of a 28 px image (stock: 1x1).
+    # The CPU profile's CIFAR-style ResNet-10 keeps a 3x3 map of a 24 px view (stock: 1x1).
     cpu = load_config(INFRA / "cpu.yaml")
     encoder = Encoder.from_config(cpu.model, in_chans=1, img_size=cpu.views.global_size)
-    assert encoder.backbone.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 256, 4, 4)
-    assert encoder.embed_dim == 256 and cpu.views.global_size == 28 and cpu.pretrain.precision == "bf16"
+    size = cpu.views.global_size
+    assert encoder.backbone.forward_features(torch.zeros(2, 1, size, size)).shape == (2, 384, 3, 3)
+    assert [len(stage) for stage in (encoder.backbone.layer1, encoder.backbone.layer4)] == [1, 1]
+    assert encoder.embed_dim == 384 and cpu.pretrain.precision == cpu.evaluate.precision == "bf16"
 
 
 def test_precision_auto_is_bf16_on_cuda_only():

@@ -131,8 +131,15 @@ def test_retry_reads_features_from_the_cache(
     assert sum("cache" in note for note in again.notes) == 2
 
 
-def test_other_baseline_calibration_is_not_read_from_the_cache(
-    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "override",
+    [
+        "evaluate.calibration_samples=64",  # the random-init baseline's BatchNorm statistics change
+        "evaluate.precision=bf16",  # the networks' arithmetic changes
+    ],
+)
+def test_features_of_other_settings_are_not_read_from_the_cache(
+    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch, override: str
 ) -> None:
     computed: list[object] = []
     extract = evaluate.extract_features
@@ -142,7 +149,7 @@ def test_other_baseline_calibration_is_not_read_from_the_cache(
         return extract(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "extract_features", counting)
-    cfg = load_config(digits_run, ["evaluate.calibration_samples=64"])
+    cfg = load_config(digits_run, [override])
     again = evaluate.run_evaluate(cfg)
     assert len(computed) == 2 and not any("cache" in note for note in again.notes)
 
@@ -191,3 +198,17 @@ def test_calibrated_batchnorm_holds_the_data_statistics() -> None:
     torch.testing.assert_close(backbone.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.equal(backbone.conv1.weight, weights)
     assert effective_rank(frozen(images)) > 2 * rank_before
+
+
+def test_bf16_extraction_gives_float32_features_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", in_chans=1, small_input=True)
+    description = encoder_description("resnet18", {}, 1, 28, True, backbone.num_features, [0.3], [0.3])
+    frozen = FrozenEncoder(backbone, description)
+    evaluate.calibrate_batchnorm(frozen, torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), 64)
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    exact = evaluate.in_precision(frozen, "fp32")(images)
+    fast = evaluate.in_precision(frozen, "bf16")(images)
+    assert exact.dtype == fast.dtype == torch.float32
+    assert not torch.equal(fast, exact)  # bf16 really ran
+    assert torch.nn.functional.cosine_similarity(fast, exact).min() > 0.99
