@@ -548,12 +548,18 @@ def test_interrupted_launch_stops_every_rank(
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt_once_hanging, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        launch(
-            cpu_config(launcher="deepspeed"),
-            ["--hang-rank", "0", "--hang-file", str(hang_file)],
-            program=PROBE,
-        )
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: put it in place so the interrupt is delivered however the suite started.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(
+                cpu_config(launcher="deepspeed"),
+                ["--hang-rank", "0", "--hang-file", str(hang_file)],
+                program=PROBE,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     end = time.monotonic() + 10
     while _processes_naming(str(hang_file)) and time.monotonic() < end:
         time.sleep(0.05)
