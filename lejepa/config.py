@@ -40,6 +40,9 @@ class ViewsConfig(Section):
     local_size: int | None = Field(None, gt=0)
     global_scale: tuple[float, float] = (0.3, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.3)
+    on_device: bool = False
+    """Make the views on the training device from the decoded uint8 batch instead of in the loader's
+    workers: for large images on GPUs, whose CPU-side augmentation would starve them."""
 
 
 class LossConfig(Section):

@@ -121,9 +121,11 @@ def _seed(*numbers: int) -> int:
     return int(np.random.SeedSequence([n & 0xFFFFFFFF for n in numbers]).generate_state(1, np.uint64)[0])
 
 
-def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
+def batch_generator(
+    seed: int, epoch: int, rank: int, batch: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator the views of one batch are drawn from: fixed by the batch's place in the run."""
-    return torch.Generator().manual_seed(_seed(seed, epoch, rank, batch))
+    return torch.Generator(device).manual_seed(_seed(seed, epoch, rank, batch))
 
 
 class _TrainEpoch(IterableDataset):
@@ -179,6 +181,7 @@ class TrainStream:
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         self.storage = storage
         self.manifest = load_manifest(manifest, storage)
@@ -186,6 +189,7 @@ class TrainStream:
         self.split, self.batch_size, self.transform = split, batch_size, transform
         self.num_workers, self.seed, self.rank, self.world_size = num_workers, seed, rank, world_size
         self.shuffle_buffer, self.prefetch_factor = shuffle_buffer, prefetch_factor
+        self.pin_memory = pin_memory  # page-locked batches, so copies to a GPU are asynchronous
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_samples = sum(s.num_samples for s in self.shards)
@@ -220,6 +224,10 @@ class TrainStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
+    def last_batch_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator for views of the batch just yielded, made outside the loader (on `device`)."""
+        return batch_generator(self.seed, self.epoch, self.rank, self.batch_in_epoch - 1, device)
+
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
         while True:
             if self.batch_in_epoch >= self.steps_per_epoch:
@@ -231,6 +239,7 @@ class TrainStream:
                 collate_fn=_as_is,
                 num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                pin_memory=self.pin_memory,
             )
             for batch in loader:
                 self.batch_in_epoch += 1

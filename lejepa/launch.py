@@ -45,6 +45,9 @@ _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|_KEY", re.IGNORECAS
 _TRACEBACK = "Traceback (most recent call last):"
 _FIRST_SLURM_NODE = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
 _LAUNCHER_EXCEPTIONS = ("ChildFailedError", "CalledProcessError")
+# torchrun's line prefix, read from the environment by every torch since 2.2 (its --log_line_prefix_template
+# option exists in some versions and not in others). Without either, torchrun writes [default<local rank>]:.
+RANK_PREFIX_ENV = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]: "}
 # What a surviving rank's collective raises when a peer died first: a symptom, not the cause.
 _PEER_DIED = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 
@@ -76,6 +79,7 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp:
         if lc.mode == "local":
             argv = local_command(lc, program, program_args, log_dir=Path(tmp) / "logs")
+            env.update(RANK_PREFIX_ENV)
             if _accelerator(lc) == "cpu":
                 # torchrun would give every rank one thread; share the cores out instead.
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_nproc(lc))))
@@ -115,10 +119,10 @@ def local_command(lc: LaunchConfig, program: str, program_args: list[str], *, lo
             f"--nproc_per_node={nproc}",
             f"--master_addr={addr}",
             f"--master_port={port}",
-            # Tee both streams of every rank to the console, each line prefixed with its global rank.
+            # Tee both streams of every rank to the console, each line prefixed with its rank (the prefix
+            # comes from RANK_PREFIX_ENV: torchrun's option for it exists in some versions only).
             "--tee=3",
             f"--log_dir={log_dir}",
-            "--log_line_prefix_template=[rank${rank}]: ",
         ]
         return argv + (["-m", program] if _is_module(program) else [program]) + program_args
     argv = [
@@ -212,12 +216,13 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
         for prefix, error in tracebacks:
             if _rank_of(prefix) == rank:
                 return f"{_who(prefix)}: {error} (exit status {returncode})"
-        said = [line.split(f"[rank{rank}]: ", 1)[1] for line in lines if f"[rank{rank}]: " in line]
-        said = [text.strip() for text in said if text.strip()]
+        said = [text for line in lines if (text := _said_by(rank, line))]
         # torchrun tails a rank's stdout and stderr separately, so an old stdout line can arrive after the
         # rank's dying words; a stage's `error: ...` line (lejepa.cli) is the reliable one when present.
+        # Without one (a rank that died before our program started, e.g. in the interpreter), its last few
+        # lines: a usage message ends with a hint, the cause is above it.
         errors = [text for text in said if text.startswith("error: ")]
-        last = (errors or said or ["no output"])[-1]
+        last = errors[-1] if errors else " / ".join(said[-3:]) or "printed nothing"
         return f"rank {rank}: {last} (exit status {returncode})"
     # Otherwise the first traceback that is a cause, not a peer noticing that another rank died.
     causes = [(p, e) for p, e in tracebacks if not any(s in e for s in _PEER_DIED)]
@@ -484,9 +489,16 @@ def _exception_line(lines: list[str], prefix: str) -> str | None:
 
 
 def _rank_of(prefix: str) -> str | None:
-    """The rank in a line prefix: torch's and torchrun's [rankN]:, or srun --label's N:."""
-    match = re.search(r"\[rank(\d+)\]", prefix) or re.match(r"\s*(\d+): ", prefix)
+    """The rank in a line prefix: torch's and torchrun's [rankN]:, an older torchrun's [defaultN]: (the local
+    rank, which is the rank in local mode), or srun --label's N:."""
+    match = re.search(r"\[(?:rank|default)(\d+)\]", prefix) or re.match(r"\s*(\d+): ", prefix)
     return match.group(1) if match else None
+
+
+def _said_by(rank: str, line: str) -> str:
+    """What `line` says if rank `rank` printed it under torchrun's prefix (however many times), else ''."""
+    match = re.match(r"\s*(?:\[(?:rank|default)(\d+)\]:\s?)+(.*)", line)
+    return match.group(2).strip() if match and match.group(1) == rank else ""
 
 
 def _who(prefix: str) -> str:

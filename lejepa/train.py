@@ -16,6 +16,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,8 @@ class OnlineProbe:
         self.head = nn.Linear(embed_dim, num_classes).to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-6)
 
-    def step(self, embeddings: Tensor, labels: Tensor) -> tuple[float, float]:
+    def step(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """One update; returns [loss, accuracy] on the device, so the training step never waits for it."""
         features = embeddings.detach().float().flatten(0, 1)
         targets = labels.repeat(embeddings.shape[0])
         logits = self.head(features)
@@ -88,7 +90,7 @@ class OnlineProbe:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
         self.optimizer.step()
-        return loss.item(), (logits.argmax(1) == targets).float().mean().item()
+        return torch.stack([loss.detach(), (logits.argmax(1) == targets).float().mean()])
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -261,6 +263,117 @@ class MetricsLog:
             self.storage.put_file(self.local, self.url)
 
 
+class DeviceViews:
+    """Multi-crop views made on the training device from the uint8 batch the stream just yielded, with the
+    generator the loader would have used for that batch (so a resumed run makes the same views)."""
+
+    def __init__(self, views: MultiCropViews, stream: TrainStream) -> None:
+        self.views, self.stream = views, stream
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.views(images, self.stream.last_batch_generator(images.device))
+
+
+def train_step(
+    engine: Any,
+    batches: Iterator[tuple[Any, Tensor]],
+    grad_accum: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    probe: OnlineProbe | None,
+    device_views: DeviceViews | None,
+) -> tuple[Tensor, float]:
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Returns the statistics [loss, prediction, sigreg, probe loss, probe accuracy], averaged over the
+    micro-batches and the ranks, as a tensor on the device (nothing here waits for the device: the
+    all-reduce runs there too, as NCCL takes device tensors only), and the seconds spent waiting for data.
+    """
+    stats = torch.zeros(5, device=device)
+    waited = 0.0
+    for _ in range(grad_accum):
+        tick = time.perf_counter()
+        inputs, labels = next(batches)
+        waited += time.perf_counter() - tick
+        if device_views is not None:
+            inputs = device_views(inputs.to(device, non_blocking=True))
+        global_views, local_views = (v.to(device, non_blocking=True).to(dtype) for v in inputs)
+        loss, embeddings = engine(global_views, local_views)
+        engine.backward(loss.total)
+        engine.step()
+        stats[:3] += torch.stack([loss.total, loss.prediction, loss.sigreg]).detach().float()
+        if probe is not None:
+            stats[3:] += probe.step(embeddings[: global_views.shape[0]], labels.to(device, non_blocking=True))
+    world = dist.get_world_size()
+    if world > 1:
+        dist.all_reduce(stats)
+    return stats / (grad_accum * world), waited
+
+
+class PendingSteps:
+    """Steps whose statistics are still on the device; `flush` brings them back in one transfer."""
+
+    def __init__(self, images_per_step: int, with_probe: bool) -> None:
+        self.images_per_step, self.with_probe = images_per_step, with_probe
+        self.stats: list[Tensor] = []
+        self.host: list[dict[str, Any]] = []
+
+    def add(self, stats: Tensor, step: int, epoch: int, lr: float, elapsed: float, waited: float) -> None:
+        self.stats.append(stats)
+        self.host.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                "images_per_s": self.images_per_step / elapsed,
+                "data_wait": waited / elapsed,
+            }
+        )
+
+    def flush(self) -> list[dict[str, Any]]:
+        """The steps' metrics records, in order."""
+        values = torch.stack(self.stats).double().cpu().tolist()
+        records = []
+        for host, (loss, prediction, sigreg, probe_loss, probe_acc) in zip(self.host, values, strict=True):
+            record = {**host, "loss": loss, "prediction": prediction, "sigreg": sigreg}
+            if self.with_probe:
+                record.update(probe_loss=probe_loss, probe_acc=probe_acc)
+            records.append(record)
+        self.stats, self.host = [], []
+        return records
+
+
+def _check_finite(records: list[dict[str, Any]], engine: Any, tag: str, progress: Progress) -> None:
+    """Stop every rank (they all hold the same reduced values) before anything non-finite is committed."""
+    bad = next(
+        (r for r in records if not all(map(math.isfinite, (r["loss"], r["prediction"], r["sigreg"])))), None
+    )
+    if bad is None and _weights_finite(engine):
+        return
+    progress.close()
+    what = (
+        f"loss is {bad['loss']} at step {bad['step']}"
+        if bad
+        else f"weights are not finite at step {records[-1]['step']}"
+    )
+    raise TrainingDiverged(
+        f"{what}: lower pretrain.lr or raise loss.lamb; "
+        f"the last good checkpoint ({tag or 'none'}) stays the latest"
+    )
+
+
+def _weights_finite(engine: Any) -> bool:
+    """Whether every rank's parameters (its ZeRO-3 partition, where parameters are partitioned) are finite."""
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    device = next(engine.module.parameters()).device
+    flags = [t.isfinite().all() for t in params if t.numel()]
+    finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 def train(cfg: PipelineConfig) -> TrainSummary:
     """Train on every rank of the current launch; rank 0 returns the summary (others return it too)."""
     import deepspeed
@@ -287,11 +400,12 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         storage,
         split="train",
         batch_size=p.batch_size,
-        transform=views,
+        transform=None if cfg.views.on_device else views,
         num_workers=p.num_workers,
         seed=cfg.seed,
         rank=rank,
         world_size=world,
+        pin_memory=device.type == "cuda",
     )
     micro_steps_per_epoch = stream.steps_per_epoch
     if micro_steps_per_epoch < p.grad_accum:
@@ -334,6 +448,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         if p.online_probe and manifest.classes
         else None
     )
+    device_views = DeviceViews(views.to(device), stream) if cfg.views.on_device else None
     checkpoints = CheckpointStore(storage, run_url)
     metrics = MetricsLog(storage, run_url)
     client_state = checkpoints.load(engine)
@@ -372,59 +487,26 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     batches = iter(stream)
     progress = Progress(total_steps, step, p.log_every, enabled=rank == 0)
     tag = checkpoints.latest()["tag"] if step else ""
+    pending = PendingSteps(p.batch_size * p.grad_accum * world, with_probe=probe is not None)
     final_loss = float("nan")
     while step < total_steps:
         started = time.perf_counter()
-        waited = 0.0
-        sums = torch.zeros(5, dtype=torch.float64)
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        for _ in range(p.grad_accum):
-            tick = time.perf_counter()
-            (global_views, local_views), labels = next(batches)
-            waited += time.perf_counter() - tick
-            global_views = global_views.to(device, dtype, non_blocking=True)
-            local_views = local_views.to(device, dtype, non_blocking=True)
-            loss, embeddings = engine(global_views, local_views)
-            # Every rank must see a NaN to stop together, so the check uses the all-reduced values.
-            reduced = (
-                torch.stack([loss.total.detach(), loss.prediction.detach(), loss.sigreg.detach()])
-                .double()
-                .cpu()
-            )
-            dist.all_reduce(reduced)
-            reduced /= world
-            if not torch.isfinite(reduced).all():
-                progress.close()
-                raise TrainingDiverged(
-                    f"loss is {reduced[0].item()} at step {step + 1}: lower pretrain.lr or raise loss.lamb; "
-                    f"the last good checkpoint ({tag or 'none'}) stays the latest"
-                )
-            engine.backward(loss.total)
-            engine.step()
-            probe_stats = (
-                probe.step(embeddings[: global_views.shape[0]], labels.to(device)) if probe else (0.0, 0.0)
-            )
-            sums += torch.tensor([*reduced.tolist(), *probe_stats], dtype=torch.float64)
+        stats, waited = train_step(engine, batches, p.grad_accum, device, dtype, probe, device_views)
         step += 1
-        means = (sums / p.grad_accum).tolist()
-        final_loss = means[0]
-        elapsed = time.perf_counter() - started
-        if rank == 0:
-            record = {
-                "step": step,
-                "epoch": stream.state_dict()["epoch"],
-                "loss": means[0],
-                "prediction": means[1],
-                "sigreg": means[2],
-                "lr": lr,
-                "images_per_s": p.batch_size * p.grad_accum * world / elapsed,
-                "data_wait": waited / elapsed,
-            }
-            if probe is not None:
-                record.update(probe_loss=means[3], probe_acc=means[4])
-            metrics.append(record)
-            progress.update(record)
-        if step % p.checkpoint_every == 0 or step == total_steps:
+        pending.add(stats, step, stream.state_dict()["epoch"], lr, time.perf_counter() - started, waited)
+        commit = step % p.checkpoint_every == 0 or step == total_steps
+        if commit or step % p.log_every == 0:
+            # The only wait for the device between steps: statistics come back every log_every steps, and
+            # before a commit, so nothing non-finite is ever committed.
+            records = pending.flush()
+            final_loss = records[-1]["loss"]
+            _check_finite(records, engine, tag, progress)
+            if rank == 0:
+                for record in records:
+                    metrics.append(record)
+                    progress.update(record)
+        if commit:
             tag = save_checkpoint()
     progress.close()
 

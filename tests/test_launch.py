@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -92,7 +93,6 @@ def test_local_commands(tmp_path: Path) -> None:
         "--master_port=29600",
         "--tee=3",
         f"--log_dir={tmp_path}",
-        "--log_line_prefix_template=[rank${rank}]: ",
         "-m",
         "lejepa.train",
         "--config",
@@ -111,6 +111,49 @@ def test_local_commands(tmp_path: Path) -> None:
         "--set",
         "a=1",
     ]
+
+
+def test_launcher_commands_use_only_options_the_installed_launchers_have(tmp_path: Path) -> None:
+    # torch 2.11's torchrun has no --log_line_prefix_template: python took it as its own option and every
+    # rank died before the program started. Each option we pass must parse with the launcher that runs.
+    from deepspeed.launcher.runner import parse_args as deepspeed_args
+    from torch.distributed.run import get_args_parser
+
+    torchrun = local_command(cpu_config().launch, "lejepa.train", ["--config", "c.yaml"], log_dir=tmp_path)
+    parsed = get_args_parser().parse_args(torchrun[3:])
+    assert (parsed.module, parsed.training_script, parsed.training_script_args) == (
+        True,
+        "lejepa.train",
+        ["--config", "c.yaml"],
+    )
+    hostfile = two_host_file(tmp_path)
+    deepspeed_commands = [
+        local_command(
+            cpu_config(launcher="deepspeed").launch, "lejepa.train", ["--set", "a=1"], log_dir=tmp_path
+        ),
+        hostfile_command(
+            cpu_config(
+                mode="hostfile", hostfile=str(hostfile), nnodes=2, nproc_per_node=1, ssh_port=2222
+            ).launch,
+            "probe.py",
+            [],
+        ),
+        hostfile_command(
+            cpu_config(
+                mode="hostfile",
+                hostfile=str(hostfile),
+                no_ssh=True,
+                node_rank=1,
+                master_addr="h",
+                master_port=1,
+            ).launch,
+            "lejepa.train",
+            [],
+        ),
+    ]
+    for argv in deepspeed_commands:
+        parsed = deepspeed_args(argv[3:])
+        assert parsed.user_script in ("lejepa.train", "probe.py") and parsed.no_local_rank
 
 
 def test_hostfile_commands(tmp_path: Path) -> None:
@@ -240,6 +283,24 @@ def test_rank_error_names_the_failing_rank() -> None:
     assert rank_error(["just a line", ""], 7) == "a rank exited with status 7; last output: just a line"
 
 
+def test_rank_error_quotes_a_rank_that_died_before_the_program_started() -> None:
+    # torch 2.11's torchrun without a prefix template: [default<local rank>]:, and python's own words.
+    lines = [
+        "[default0]:unknown option --log_line_prefix_template=[rank${rank}]: ",
+        "[default0]:usage: /usr/bin/python3 [option] ... [-c cmd | -m mod | file | -] [arg] ...",
+        "[default0]:Try `python -h' for more information.",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "Root Cause (first observed failure):",
+        "[0]:",
+        "  rank      : 0 (local_rank: 0)",
+        "  exitcode  : 2 (pid: 4242)",
+    ]
+    assert rank_error(lines, 1) == (
+        "rank 0: unknown option --log_line_prefix_template=[rank${rank}]: / usage: /usr/bin/python3 [option] "
+        "... [-c cmd | -m mod | file | -] [arg] ... / Try `python -h' for more information. (exit status 2)"
+    )
+
+
 # --- real launches on this machine ----------------------------------------------------------------------
 
 
@@ -276,6 +337,21 @@ def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
     assert err.strip().splitlines()[-1] == (
         "launch failed: rank 0: error: probe rank 0 giving up with status 3 (exit status 3)"
     )
+
+
+def test_local_rank_that_dies_before_the_program_starts_is_quoted(
+    tmp_path: Path, deadline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.py"
+    rc = launch(cpu_config(), [], program=str(missing))
+    out, err = capsys.readouterr()
+    assert rc != 0
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"launch failed: rank [01]: \S*python\S*: can't open file '{re.escape(str(missing))}': "
+        rf"\[Errno 2\] No such file or directory \(exit status 2\)",
+        last,
+    ), last
 
 
 def test_two_node_agents_with_no_ssh_finish_a_run_together(
