@@ -203,10 +203,14 @@ class EvaluateConfig(Section):
     """Images per batch of feature extraction."""
     num_workers: int = Field(1, ge=0)
     """Loader worker processes decoding images during feature extraction."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where feature extraction, the probes and the diagnostics run; auto is cuda when torch sees a GPU,
+    else cpu. The features are the same numbers up to rounding, so the cache serves either device."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Arithmetic of the networks during feature extraction (the features are stored as float32 either
-    way). bf16 autocast ran 2.6x faster on a CPU with AVX512-BF16 (infra/cpu.yaml opts in) and the
-    linear probe scored the same; without AVX512-BF16 or AMX it is emulated and slower."""
+    way); auto is bf16 on CUDA, fp32 on the CPU. bf16 autocast ran 2.6x faster on a CPU with AVX512-BF16
+    (infra/cpu.yaml opts in) and the linear probe scored the same; without AVX512-BF16 or AMX it is
+    emulated and slower."""
     probe_epochs: int = Field(100, gt=0)
     """Linear-probe epochs over the cached features (100 x 54k x 256 takes ~15-30 s on 2 cores). Fewer
     underfit: on a Fashion-MNIST encoder 30 epochs at lr 2e-3 scored 85.4% where 100 at 1e-2 reached 87.3%."""

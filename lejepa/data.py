@@ -281,13 +281,17 @@ def eval_loader(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Every sample of `split` exactly once (across ranks), in a fixed order, as (uint8 images, labels).
 
     No augmentation; a worker's last batch may be smaller. With world_size > 1 each rank gets a disjoint
-    set of shards (ranks may get different numbers of batches).
+    set of shards (ranks may get different numbers of batches). pin_memory pages batches in for
+    asynchronous copies to a GPU.
     """
     m = load_manifest(manifest, storage)
     workers = max(1, num_workers)
     dataset = _EvalSplit(storage, m, m.shards_for(split), batch_size, world_size * workers, rank * workers)
-    return DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers)
+    return DataLoader(
+        dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory
+    )

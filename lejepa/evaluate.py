@@ -3,12 +3,17 @@
 1. Frozen features of the train and test splits (batched, no augmentation) for our encoder, the same
    architecture at random initialisation (seeded), and the raw pixels. They are cached in
    `{run}/eval/features-{split}-{key}.safetensors`, keyed by a fingerprint of the encoder weights' sha256,
-   the manifest and the split, so a retry reads them back instead of recomputing.
+   the manifest, the split and the precision (not the device), so a retry reads them back instead of
+   recomputing.
 2. Linear probe and kNN top-1 on the test split (`lejepa.probes`), for every feature set that has labels:
    "logistic regression on raw pixels" is the same linear probe on standardised, flattened pixels.
 3. Label-free diagnostics on held-out (test) images: RankMe and the SIGReg statistic of the embeddings,
    and, when the run exported its projector, the LeJEPA loss and its parts on multi-crop views.
 4. `metrics.json`, `evaluation.png` and `evaluation.md` in the run folder; the summary is printed last.
+
+All of it runs on `evaluate.device` (a GPU when there is one): images reach it from pinned memory without
+blocking, the networks run in `evaluate.precision` (bf16 autocast on a GPU by default), and their features
+come back to the CPU as float32 once a split is done.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +76,42 @@ class EvalSummary:
     notes: list[str] = field(default_factory=list)
 
 
+# -- device and precision ----------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The device `evaluate.device` names: auto is cuda when torch sees a GPU, else cpu."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(
+            "evaluate.device=cuda, but torch sees no CUDA GPU here: set evaluate.device=auto (or cpu) to "
+            "evaluate on the CPU, or run where a GPU is visible"
+        )
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """fp32 or bf16: auto is bf16 on CUDA and fp32 on the CPU (most CPUs emulate bf16, which is slower)."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def on_device(
+    batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The (images, labels) batches with the images on `device`; the labels stay on the CPU.
+
+    On CUDA the images are copied from pinned memory without blocking, so the copy overlaps the work
+    already queued on the GPU and the loop never waits for it.
+    """
+    for images, labels in batches:
+        if device.type == "cuda" and not images.is_pinned():
+            images = images.pin_memory()
+        yield images.to(device, non_blocking=True), labels
+
+
 # -- features ----------------------------------------------------------------------------------------------
 
 
@@ -97,7 +138,11 @@ def extract_features(
     total: int | None = None,
     desc: str = "features",
 ) -> dict[str, Tensor]:
-    """Run every extractor on each batch of (uint8 images, labels): {name: (N, D)} plus "labels" (N,)."""
+    """Run every extractor on each batch of (uint8 images, labels): {name: (N, D)} plus "labels" (N,).
+
+    The images may be on any device. Their features stay there until the last batch, so the loop queues
+    work without waiting for the device (a copy back per batch would); they are returned on the CPU.
+    """
     parts: dict[str, list[Tensor]] = {name: [] for name in [*extractors, "labels"]}
     with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", file=sys.stderr) as bar:
         for images, labels in batches:
@@ -105,16 +150,17 @@ def extract_features(
                 parts[name].append(extract(images))
             parts["labels"].append(labels.long())
             bar.update(len(labels))
-    return {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
+    return {name: torch.cat([chunk.cpu() for chunk in chunks]) for name, chunks in parts.items() if chunks}
 
 
 def in_precision(network: Callable[[Tensor], Tensor], precision: str) -> Callable[[Tensor], Tensor]:
-    """`network` run under bfloat16 autocast for precision "bf16" (float32 features out), else as is."""
+    """`network` run under bfloat16 autocast (on the images' device) for precision "bf16", float32 features
+    out; for "fp32" the network as is."""
     if precision == "fp32":
         return network
 
     def extract(images: Tensor) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
             return network(images).float()
 
     return extract
@@ -135,8 +181,53 @@ def cached_features(
         return tensors, False
 
 
+def features_key(
+    weights_sha256: str,
+    manifest: ShardManifest,
+    split: str,
+    extractors: Iterable[str],
+    precision: str,
+    cfg: PipelineConfig,
+) -> str:
+    """Cache key of a split's features: what they depend on, with the resolved precision (fp32 or bf16).
+
+    Not the device: the same networks give the same features on a CPU and a GPU, up to rounding.
+    """
+    e = cfg.evaluate
+    fields = [
+        FEATURES_FORMAT,
+        weights_sha256,
+        manifest.url,
+        manifest.version,
+        split,
+        sorted(extractors),
+        cfg.seed,
+        e.pixel_size,
+        precision,
+        # the random-init baseline's BatchNorm statistics come from these images
+        e.train_split,
+        e.calibration_samples,
+    ]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def random_init_encoder(description: dict[str, Any], seed: int) -> FrozenEncoder:
+    """The exported architecture at its seeded initialisation (drawn on the CPU: the same on any device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = create_backbone(
+            description["backbone"],
+            in_chans=description["in_chans"],
+            img_size=description["img_size"],
+            small_input=description["small_input"],
+            **description["backbone_kwargs"],
+        )
+    return FrozenEncoder(backbone, description)
+
+
 def calibrate_batchnorm(frozen: FrozenEncoder, images: Tensor, batch_size: int) -> None:
-    """Set the BatchNorm running statistics of `frozen` to the batch statistics of `images`, in place.
+    """Set the BatchNorm running statistics of `frozen` to the batch statistics of `images` (on the device of
+    `frozen`), in place.
 
     At initialisation they are 0 and 1, which no activation of a real image has, so a random network in
     eval mode collapses its features (RankMe ~4 on Fashion-MNIST) and would be a straw-man baseline. The
@@ -180,17 +271,22 @@ def heldout_lejepa_loss(
     encoder: Encoder, images: Tensor, views: MultiCropViews, cfg: PipelineConfig, batch_size: int
 ) -> dict[str, float]:
     """The LeJEPA loss (and its parts) of held-out images under the training views, seeded, averaged over
-    batches of the training batch size (SIGReg's value depends on the batch size)."""
+    batches of the training batch size (SIGReg's value depends on the batch size).
+
+    Runs where `encoder`, `images` and `views` are; the views and SIGReg's slices are drawn by a generator
+    on that device, so each device's number is reproducible, but a CPU and a GPU draw different views.
+    """
     sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sums = torch.zeros(3, dtype=torch.float64)
+    generator = torch.Generator(device=images.device).manual_seed(cfg.seed)
+    # Summed on the device: reading each batch's loss would wait for the device every batch.
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
     batches = images.split(batch_size)
     with torch.no_grad():
         for batch in batches:
             global_views, local_views = views(batch, generator)
             _, projections = encoder.forward_views(global_views, local_views)
             loss = lejepa_loss(projections, global_views.shape[0], sigreg, cfg.loss.lamb)
-            sums += torch.tensor([loss.total.item(), loss.prediction.item(), loss.sigreg.item()])
+            sums += torch.stack([loss.total, loss.prediction, loss.sigreg]).double()
     total, prediction, regulariser = (sums / len(batches)).tolist()
     return {"lejepa_loss": total, "lejepa_prediction": prediction, "lejepa_sigreg": regulariser}
 
@@ -202,18 +298,20 @@ def heldout_losses(
     manifest: ShardManifest,
     split: str,
     encoders: dict[str, FrozenEncoder],
+    device: torch.device,
 ) -> dict[str, dict[str, float]] | None:
     """The held-out LeJEPA loss of each encoder with the run's projector (the random-init encoder gets a
-    random one, as the same architecture at initialisation); None when the run exported no projector."""
+    random one, as the same architecture at initialisation), on `device`; None when the run exported no
+    projector."""
     projector_url = f"{run_url}/{PROJECTOR}"
     description = encoders[ENCODER].description
     if "projector" not in description or not storage.exists(projector_url):
         return None
     e = cfg.evaluate
-    heldout = _first_images(manifest, storage, split, e.diagnostic_samples, e.batch_size)
+    heldout = _first_images(manifest, storage, split, e.diagnostic_samples, e.batch_size).to(device)
     views = MultiCropViews.from_config(
         cfg.views, manifest.image_size, description["in_chans"], description["mean"], description["std"]
-    )
+    ).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         storage.get_file(projector_url, Path(tmp) / PROJECTOR)
         projector_state = load_file(str(Path(tmp) / PROJECTOR))
@@ -221,7 +319,7 @@ def heldout_losses(
     for name, frozen in encoders.items():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = _full_encoder(frozen, projector_state if name == ENCODER else None)
+            model = _full_encoder(frozen, projector_state if name == ENCODER else None).to(device)
         losses[name] = heldout_lejepa_loss(model, heldout, views, cfg, cfg.pretrain.batch_size)
     return losses
 
@@ -274,6 +372,27 @@ def probe_scores(
     return {"linear_probe_top1": top1(linear, test_labels), "knn_top1": top1(knn, test_labels)}
 
 
+def model_scores(
+    name: str,
+    features: dict[str, dict[str, Tensor]],
+    labelled: bool,
+    num_classes: int,
+    cfg: PipelineConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The probes (on labelled data) and the embedding diagnostics of feature set `name`, on `device`."""
+    train, test = features["train"][name].to(device), features["test"][name].to(device)
+    if name == RAW_PIXELS:  # centred pixels give kNN a fair cosine similarity too
+        train, test = standardised(train, test)
+    scores: dict[str, Any] = {}
+    if labelled:
+        labels = {role: features[role]["labels"].to(device) for role in ("train", "test")}
+        scores.update(probe_scores(train, labels["train"], test, labels["test"], num_classes, cfg))
+    if name != RAW_PIXELS:
+        scores.update(embedding_diagnostics(test[: cfg.evaluate.diagnostic_samples], cfg))
+    return scores
+
+
 def _test_split(cfg: PipelineConfig, manifest: ShardManifest) -> str:
     split = cfg.evaluate.test_split or ("test" if "test" in manifest.splits else "val")
     for name, value in (("train_split", cfg.evaluate.train_split), ("test_split", split)):
@@ -296,6 +415,8 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     """Score the encoder of `{root}/runs/{pretrain.run_name}` and its baselines; write metrics and report."""
     e = cfg.evaluate
     started = time.perf_counter()
+    device = resolve_device(e.device)  # before anything is read or written
+    precision = resolve_precision(e.precision, device)
     storage = Storage.from_config(cfg.storage)
     run_url = storage.url("runs", cfg.pretrain.run_name)
     if not storage.exists(f"{run_url}/{DESCRIPTION}"):
@@ -307,57 +428,38 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     test_split = _test_split(cfg, manifest)
     splits = {"train": e.train_split, "test": test_split}
 
-    encoder = load_encoder(run_url, storage)
+    encoder = load_encoder(run_url, storage, device)
     description = encoder.description
     weights_sha256 = sha256_of(storage, f"{run_url}/{WEIGHTS}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        random_backbone = create_backbone(
-            description["backbone"],
-            in_chans=description["in_chans"],
-            img_size=description["img_size"],
-            small_input=description["small_input"],
-            **description["backbone_kwargs"],
-        )
-    random_encoder = FrozenEncoder(random_backbone, description)
-    extractors: dict[str, Callable[[Tensor], Tensor]] = {ENCODER: in_precision(encoder, e.precision)}
+    networks = {ENCODER: encoder}
     if e.baselines:
-        calibrate_batchnorm(
-            random_encoder,
-            _first_images(manifest, storage, e.train_split, e.calibration_samples, e.batch_size),
-            e.batch_size,
-        )
-        extractors[RANDOM_INIT] = in_precision(random_encoder, e.precision)
+        networks[RANDOM_INIT] = random_init_encoder(description, cfg.seed).to(device)
+        calibration = _first_images(manifest, storage, e.train_split, e.calibration_samples, e.batch_size)
+        calibrate_batchnorm(networks[RANDOM_INIT], calibration.to(device), e.batch_size)
+    extractors: dict[str, Callable[[Tensor], Tensor]] = {
+        name: in_precision(network, precision) for name, network in networks.items()
+    }
+    if e.baselines:
         extractors[RAW_PIXELS] = lambda images: pixel_features(images, e.pixel_size)
 
     features: dict[str, dict[str, Tensor]] = {}
     notes: list[str] = []
     for role, split in splits.items():
-        key = hashlib.sha256(
-            json.dumps(
-                [
-                    FEATURES_FORMAT,
-                    weights_sha256,
-                    manifest.url,
-                    manifest.version,
-                    split,
-                    sorted(extractors),
-                    cfg.seed,
-                    e.pixel_size,
-                    e.precision,
-                    # the random-init baseline's BatchNorm statistics come from these images
-                    e.train_split,
-                    e.calibration_samples,
-                ]
-            ).encode()
-        ).hexdigest()[:16]
+        key = features_key(weights_sha256, manifest, split, extractors, precision, cfg)
         url = f"{run_url}/eval/features-{split}-{key}.safetensors"
 
         def compute(split: str = split) -> dict[str, Tensor]:
             batches = eval_loader(
-                manifest, storage, split, batch_size=e.batch_size, num_workers=e.num_workers
+                manifest,
+                storage,
+                split,
+                batch_size=e.batch_size,
+                num_workers=e.num_workers,
+                pin_memory=device.type == "cuda",
             )
-            return extract_features(extractors, batches, manifest.num_samples[split], f"features {split}")
+            return extract_features(
+                extractors, on_device(batches, device), manifest.num_samples[split], f"features {split}"
+            )
 
         features[role], hit = cached_features(storage, url, compute)
         if hit:
@@ -369,28 +471,13 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         and bool((features["test"]["labels"] >= 0).any())
     )
     num_classes = manifest.num_classes
-    results: dict[str, dict[str, Any]] = {}
-    for name in extractors:
-        train, test = features["train"][name], features["test"][name]
-        if name == RAW_PIXELS:  # centred pixels give kNN a fair cosine similarity too
-            train, test = standardised(train, test)
-        scores: dict[str, Any] = {}
-        if labelled:
-            scores.update(
-                probe_scores(
-                    train, features["train"]["labels"], test, features["test"]["labels"], num_classes, cfg
-                )
-            )
-        if name != RAW_PIXELS:
-            scores.update(embedding_diagnostics(test[: e.diagnostic_samples], cfg))
-        results[name] = scores
+    results = {name: model_scores(name, features, labelled, num_classes, cfg, device) for name in extractors}
     if not labelled:
         notes.append(
             "unlabelled data: probes skipped (linear probe, kNN); the label-free diagnostics still ran"
         )
 
-    networks = {ENCODER: encoder, RANDOM_INIT: random_encoder} if e.baselines else {ENCODER: encoder}
-    losses = heldout_losses(cfg, storage, run_url, manifest, test_split, networks)
+    losses = heldout_losses(cfg, storage, run_url, manifest, test_split, networks, device)
     if losses is None:
         notes.append(
             f"LeJEPA loss diagnostic skipped: the run has no {PROJECTOR} (exported before projectors were)"
@@ -423,7 +510,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
                 f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, "
                 f"warm-up {e.probe_warmup_fraction} + cosine"
             ),
-            "features": f"one deterministic view per image, networks in {e.precision}",
+            "features": f"one deterministic view per image, networks in {precision} on {device.type}",
             "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
             "raw_pixels": "both probes on standardised, flattened pixels (linear probe: logistic regression)",
             "diagnostics": f"first {e.diagnostic_samples} samples of the {test_split} split",

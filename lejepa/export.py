@@ -26,18 +26,24 @@ WEIGHTS, DESCRIPTION, PROJECTOR = "encoder.safetensors", "encoder.json", "projec
 class FrozenEncoder(nn.Module):
     """Images (B, C, H, W), uint8 or float in [0, 1], at any size -> embeddings (B, D). Eval mode."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, description: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = backbone
         self.description = description
         self.img_size: int = description["img_size"]
         self.embed_dim: int = description["embed_dim"]
+        # Buffers follow the module to its device, so a batch on a GPU needs no blocking host-to-device copy
+        # of the statistics; non-persistent: they come from the description, not the weights file.
+        for name in ("mean", "std"):
+            self.register_buffer(name, torch.tensor(description[name], dtype=torch.float32), persistent=False)
         self.eval()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        d = self.description
-        view = eval_view(images, self.img_size, d["mean"], d["std"])
+        view = eval_view(images, self.img_size, self.mean, self.std)
         return self.backbone(view.contiguous(memory_format=torch.channels_last))  # see Encoder.forward_views
 
 

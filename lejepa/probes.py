@@ -11,7 +11,10 @@
 - `sigreg_statistic`: the Epps-Pulley normality statistic LeJEPA minimises, on fixed seeded slices: small
   for isotropic Gaussian embeddings, large for collapsed or badly scaled ones.
 
-Labels are int64 in [0, num_classes); callers drop unlabelled samples (label -1) first.
+Labels are int64 in [0, num_classes); callers drop unlabelled samples (label -1) first. Everything runs on
+the device of the input tensors (CPU or GPU), and predictions stay there. The random draws (the probe's
+initialisation and shuffling, the SIGReg slices) come from seeded CPU generators and are then moved, so a
+seed gives the same draws on every device, and the same scores up to rounding.
 """
 
 from __future__ import annotations
@@ -65,11 +68,11 @@ def linear_probe(
     """
     _check(train_features, train_labels, "linear_probe")
     num_classes = num_classes or int(train_labels.max()) + 1
-    dim = train_features.shape[1]
+    dim, device = train_features.shape[1], train_features.device
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        norm, linear = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+        norm, linear = nn.LayerNorm(dim).to(device), nn.Linear(dim, num_classes).to(device)
     # Fixed per-dimension standardisation first: frozen features often have dims with a large mean and a
     # tiny spread, which LayerNorm alone leaves ill-conditioned for the optimiser.
     train_features, test_features = standardised(train_features, test_features)
@@ -97,7 +100,7 @@ def linear_probe(
     torch.set_num_threads(1)
     try:
         for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
+            order = torch.randperm(len(x), generator=generator).to(device, non_blocking=True)
             # One gather per epoch, then contiguous mini-batches: much cheaper than a gather per step.
             for xb, yb in zip(x[order].split(batch_size), y[order].split(batch_size), strict=True):
                 loss = nn.functional.cross_entropy(head(xb), yb)
@@ -120,20 +123,39 @@ def knn_classify(
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 512,
+    train_chunk_size: int = 65536,
 ) -> Tensor:
-    """Weighted kNN on cosine similarity (DINO's): returns the predicted classes of `test_features`."""
+    """Weighted kNN on cosine similarity (DINO's): returns the predicted classes of `test_features`.
+
+    Similarities are computed for `chunk_size` test samples against `train_chunk_size` training samples at
+    a time, so memory stays bounded however large the training split is.
+    """
     _check(train_features, train_labels, "knn_classify")
     num_classes = num_classes or int(train_labels.max()) + 1
     train = nn.functional.normalize(train_features.float(), dim=1)
     k = min(k, len(train))
     predictions = []
     for chunk in test_features.split(chunk_size):
-        similarity = nn.functional.normalize(chunk.float(), dim=1) @ train.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(chunk), num_classes)
+        query = nn.functional.normalize(chunk.float(), dim=1)
+        top_similarity, top_index = _nearest(query, train, k, train_chunk_size)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
         votes.scatter_add_(1, train_labels[top_index], (top_similarity / temperature).exp())
         predictions.append(votes.argmax(1))
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    return torch.cat(predictions) if predictions else test_features.new_empty(0, dtype=torch.long)
+
+
+def _nearest(query: Tensor, train: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The k largest similarities query @ train.T per row and their indices in `train`, one chunk of
+    `train` at a time: each chunk's top k merged with the best so far."""
+    best = query.new_empty(len(query), 0)
+    best_index = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+    for start, part in zip(range(0, len(train), chunk_size), train.split(chunk_size), strict=True):
+        similarity, index = (query @ part.T).topk(min(k, len(part)), dim=1)
+        candidates = torch.cat([best, similarity], dim=1)
+        candidate_index = torch.cat([best_index, index + start], dim=1)
+        best, position = candidates.topk(min(k, candidates.shape[1]), dim=1)
+        best_index = candidate_index.gather(1, position)
+    return best, best_index
 
 
 def effective_rank(features: Tensor, eps: float = 1e-7) -> float:
@@ -152,7 +174,7 @@ def sigreg_statistic(
     Under that null the statistic stays O(1) whatever N; a collapse makes it grow with N.
     """
     generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(embeddings.shape[1], num_slices, generator=generator)
+    directions = torch.randn(embeddings.shape[1], num_slices, generator=generator).to(embeddings.device)
     directions /= directions.norm(dim=0, keepdim=True)
     with torch.no_grad():
         return sliced_epps_pulley(embeddings.float(), directions, knots, t_max, distributed=False).item()

@@ -13,14 +13,24 @@ even in t, so the negative half is folded in by doubling the weights. SIGReg ave
 slices (and the views).
 
 `reference_sliced_epps_pulley` computes this the straightforward way. `sliced_epps_pulley` gives
-the same value and gradient, much faster and in a fraction of the memory:
-- the knots are a uniform grid t_j = j * dt, so exp(i t_j x) = exp(i dt x) ** j: one cos and sin
-  per projection, then complex multiplications (angle addition), summed over the samples as we
-  go, so only (rows x slices) tensors exist, never (samples x slices x knots);
-- the gradient has a closed form in the upstream gradients g_c, g_s of the ECF sums,
-  d/dx [g_c cos(t x) + g_s sin(t x)] = t (g_s cos(t x) - g_c sin(t x)), a polynomial in
-  exp(i dt x) that backward evaluates with Horner's rule: nothing of size N x K x knots is kept;
-- samples are processed in row chunks that stay in cache and bound the memory.
+the same value and gradient, much faster and in a fraction of the memory. A custom autograd
+function computes the ECF sums over the samples; its backward uses the closed form of the
+gradient in the upstream gradients g_c, g_s of those sums,
+d/dx [g_c cos(t x) + g_s sin(t x)] = t (g_s cos(t x) - g_c sin(t x)), so nothing of size
+N x K x knots is ever kept. How the sums are computed depends on the device (`ecf_path` says):
+- CPU ("recurrence"): the knots are a uniform grid t_j = j * dt, so exp(i t_j x) = exp(i dt x) ** j:
+  one cos and sin per projection, then complex multiplications (angle addition), summed over the
+  samples as we go, so only (rows x slices) tensors exist; backward evaluates the gradient, a
+  polynomial in exp(i dt x), with Horner's rule. Samples are processed in row chunks that stay in
+  cache and bound the memory.
+- CUDA, float32 ("triton"): two fused Triton kernels (`lejepa.sigreg_triton`). On a GPU the CPU
+  path's hundreds of small per-chunk, per-knot ops cost more in launches than they compute; the
+  kernels evaluate cos and sin at every knot directly (more accurate than the recurrence), keep
+  the column sums in registers, and read x once and write its gradient once in backward. Where
+  Triton is missing, or a kernel fails to compile or run, a warning is issued once and the torch
+  path below takes over for the rest of the process.
+- Other devices, float64 on CUDA, or no Triton ("torch"): cos and sin of (rows x slices x knots)
+  chunks of a few million entries, vectorised over knots and slices.
 Computation is in float32 at least: bfloat16/float16 inputs are upcast (their gradient comes
 back in the input dtype); float64 stays float64.
 
@@ -37,21 +47,37 @@ whole batch, as for any per-rank mean loss.
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-# Rows per chunk are chosen so a chunk holds about this many (row, slice) entries: 2 MiB of
+# CPU: rows per chunk are chosen so a chunk holds about this many (row, slice) entries: 2 MiB of
 # complex64, which stays in one core's L2 cache and bounds the working memory.
-_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 18
+# GPU, pure torch: about this many (row, slice, knot) entries per chunk (16 MiB in float32). On a
+# GPU each op costs a launch, so chunks are large, yet a few of them stay far below the memory of
+# the whole N x slices x knots tensor.
+_GPU_CHUNK_ELEMENTS = 1 << 22
+
+_T = TypeVar("_T")
 
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _rows_per_chunk(x: Tensor) -> int:
-    return max(1, _CHUNK_ELEMENTS // x.shape[1])
+def _cpu_rows_per_chunk(x: Tensor) -> int:
+    return max(1, _CPU_CHUNK_ELEMENTS // x.shape[1])
+
+
+def _gpu_rows_per_chunk(x: Tensor, knots: int) -> int:
+    return max(1, _GPU_CHUNK_ELEMENTS // (x.shape[1] * knots))
 
 
 def _knot_spacing(knots: int, t_max: float) -> float:
@@ -112,6 +138,123 @@ def _unit_phasor(x: Tensor, dt: float) -> Tensor:
     return torch.polar(torch.ones_like(x), x * dt)
 
 
+def _recurrence_sums(x: Tensor, dt: float, knots: int) -> tuple[Tensor, Tensor]:
+    """The CPU path's ECF sums: angle addition over the knots, in cache-sized row chunks."""
+    sums = x.new_zeros(knots, x.shape[1], dtype=torch.promote_types(x.dtype, torch.complex64))
+    for rows in x.split(_cpu_rows_per_chunk(x)):
+        phasor = _unit_phasor(rows, dt)
+        power = torch.ones_like(phasor)
+        # power = exp(i j dt x) by angle addition. Rounding drifts by about j float eps per
+        # product: ~1e-6 relative after 16 knots in float32, far below the tolerances tested.
+        for j in range(knots):
+            sums[j] += power.sum(0)
+            power *= phasor
+    return sums.real.T.contiguous(), sums.imag.T.contiguous()
+
+
+def _recurrence_grad(x: Tensor, dt: float, knots: int, grad_cos: Tensor, grad_sin: Tensor) -> Tensor:
+    """The CPU path's gradient: Horner's rule in the phasor, in cache-sized row chunks."""
+    t = dt * torch.arange(knots, dtype=x.dtype, device=x.device)
+    # d/dx of sum_j g_c,j cos(t_j x) + g_s,j sin(t_j x) is Re(sum_j h_j exp(i dt x) ** j)
+    # with h_j = t_j (g_s,j + i g_c,j): a polynomial in the phasor, recomputed per chunk.
+    coefficients = (t * torch.complex(grad_sin, grad_cos)).T.contiguous()  # (knots, M)
+    grad_x = torch.empty_like(x)
+    chunk = _cpu_rows_per_chunk(x)
+    for rows, grad_rows in zip(x.split(chunk), grad_x.split(chunk), strict=True):
+        phasor = _unit_phasor(rows, dt)
+        polynomial = torch.zeros_like(phasor)
+        for j in reversed(range(knots)):
+            polynomial = torch.addcmul(coefficients[j], polynomial, phasor)
+        grad_rows.copy_(polynomial.real)
+    return grad_x
+
+
+def _vectorised_sums(x: Tensor, dt: float, knots: int) -> tuple[Tensor, Tensor]:
+    """The pure-torch GPU path's ECF sums: cos and sin of (rows, M, knots) chunks, summed over rows."""
+    t = dt * torch.arange(knots, dtype=x.dtype, device=x.device)
+    cos_sums, sin_sums = (x.new_zeros(x.shape[1], knots) for _ in range(2))
+    for rows in x.split(_gpu_rows_per_chunk(x, knots)):
+        tx = rows.unsqueeze(-1) * t
+        cos_sums += tx.cos().sum(0)
+        sin_sums += tx.sin_().sum(0)
+    return cos_sums, sin_sums
+
+
+def _vectorised_grad(x: Tensor, dt: float, knots: int, grad_cos: Tensor, grad_sin: Tensor) -> Tensor:
+    """The pure-torch GPU path's gradient, sum_j t_j (g_s,j cos(t_j x) - g_c,j sin(t_j x)), by chunks."""
+    t = dt * torch.arange(knots, dtype=x.dtype, device=x.device)
+    cos_coefficients, sin_coefficients = t * grad_sin, t * grad_cos  # (M, knots)
+    grad_x = torch.empty_like(x)
+    chunk = _gpu_rows_per_chunk(x, knots)
+    for rows, grad_rows in zip(x.split(chunk), grad_x.split(chunk), strict=True):
+        tx = rows.unsqueeze(-1) * t
+        terms = tx.cos().mul_(cos_coefficients)
+        terms -= tx.sin_().mul_(sin_coefficients)  # in place: two chunk-sized tensors at most
+        torch.sum(terms, -1, out=grad_rows)
+    return grad_x
+
+
+# Set to the reason once Triton cannot be imported or a kernel failed: the torch path is used then.
+_triton_error: str | None = None
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """lejepa.sigreg_triton, imported on first use; None where Triton is missing or broken."""
+    try:
+        from lejepa import sigreg_triton
+    except Exception as error:  # not installed, or an install that cannot load
+        _turn_off_triton(error)
+        return None
+    return sigreg_triton
+
+
+def _turn_off_triton(error: Exception) -> None:
+    global _triton_error
+    _triton_error = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"SIGReg's Triton kernels are unavailable ({_triton_error}); using the pure-torch path",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _on_triton(kernel: str, fallback: Callable[..., _T], *args: Any) -> _T:
+    """Run sigreg_triton's `kernel`; if Triton is unusable, remember why and run `fallback`."""
+    kernels = _triton_kernels()
+    if kernels is not None and _triton_error is None:
+        try:
+            return getattr(kernels, kernel)(*args)
+        except torch.cuda.OutOfMemoryError:  # not the kernel's fault, and the fallback needs more
+            raise
+        except Exception as error:  # compilation or launch failed: never crash training for it
+            _turn_off_triton(error)
+    return fallback(*args)
+
+
+# Each path's (ECF sums, their gradient), both functions of (x, dt, knots[, grad_cos, grad_sin]).
+_PATHS: dict[str, tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor]]] = {
+    "recurrence": (_recurrence_sums, _recurrence_grad),
+    "torch": (_vectorised_sums, _vectorised_grad),
+    "triton": (
+        functools.partial(_on_triton, "ecf_sums", _vectorised_sums),
+        functools.partial(_on_triton, "ecf_grad", _vectorised_grad),
+    ),
+}
+
+
+def ecf_path(device: torch.device, dtype: torch.dtype) -> str:
+    """Which implementation computes the ECF sums of projections on `device` in `dtype`.
+
+    'recurrence' on the CPU; 'triton' for float32 on CUDA while Triton works; 'torch' otherwise.
+    """
+    if device.type == "cpu":
+        return "recurrence"
+    if device.type != "cuda" or dtype != torch.float32:
+        return "torch"
+    return "triton" if _triton_kernels() is not None and _triton_error is None else "torch"
+
+
 class _ECFSums(torch.autograd.Function):
     """cos_sums[m, j] = sum_i cos(j dt x[i, m]) and sin_sums likewise, for x of shape (N, M)."""
 
@@ -119,33 +262,14 @@ class _ECFSums(torch.autograd.Function):
     def forward(ctx, x: Tensor, dt: float, knots: int) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(x)
         ctx.dt, ctx.knots = dt, knots
-        sums = x.new_zeros(knots, x.shape[1], dtype=torch.promote_types(x.dtype, torch.complex64))
-        for rows in x.split(_rows_per_chunk(x)):
-            phasor = _unit_phasor(rows, dt)
-            power = torch.ones_like(phasor)
-            # power = exp(i j dt x) by angle addition. Rounding drifts by about j float eps per
-            # product: ~1e-6 relative after 16 knots in float32, far below the tolerances tested.
-            for j in range(knots):
-                sums[j] += power.sum(0)
-                power *= phasor
-        return sums.real.T.contiguous(), sums.imag.T.contiguous()
+        sums, _ = _PATHS[ecf_path(x.device, x.dtype)]
+        return sums(x, dt, knots)
 
     @staticmethod
     def backward(ctx, grad_cos: Tensor, grad_sin: Tensor) -> tuple[Tensor, None, None]:
         (x,) = ctx.saved_tensors
-        t = ctx.dt * torch.arange(ctx.knots, dtype=x.dtype, device=x.device)
-        # d/dx of sum_j g_c,j cos(t_j x) + g_s,j sin(t_j x) is Re(sum_j h_j exp(i dt x) ** j)
-        # with h_j = t_j (g_s,j + i g_c,j): a polynomial in the phasor, recomputed per chunk.
-        coefficients = (t * torch.complex(grad_sin, grad_cos)).T.contiguous()  # (knots, M)
-        grad_x = torch.empty_like(x)
-        chunk = _rows_per_chunk(x)
-        for rows, grad_rows in zip(x.split(chunk), grad_x.split(chunk), strict=True):
-            phasor = _unit_phasor(rows, ctx.dt)
-            polynomial = torch.zeros_like(phasor)
-            for j in reversed(range(ctx.knots)):  # Horner's rule
-                polynomial = torch.addcmul(coefficients[j], polynomial, phasor)
-            grad_rows.copy_(polynomial.real)
-        return grad_x, None, None
+        _, grad = _PATHS[ecf_path(x.device, x.dtype)]
+        return grad(x, ctx.dt, ctx.knots, grad_cos, grad_sin), None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -196,7 +320,8 @@ class SIGReg(nn.Module):
     Directions are a pure function of (seed, step); `step` is a persistent buffer, so it is saved
     in the state_dict and a resumed run continues the same sequence of directions. Under
     torch.distributed, rank 0's step is broadcast on the first call (and after load_state_dict)
-    so all ranks project on the same slices.
+    so all ranks project on the same slices. The buffer is read into a host-side mirror only then:
+    reading it every step would stall a GPU run with a device-to-host sync per step.
     """
 
     step: Tensor
@@ -206,6 +331,7 @@ class SIGReg(nn.Module):
         _knot_spacing(knots, t_max)  # fail at construction, not at the first step
         self.num_slices, self.knots, self.t_max, self.seed = num_slices, knots, t_max, seed
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step = 0  # equals self.step once _step_synced
         self._step_synced = False
         self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_step_synced", False))
 
@@ -221,12 +347,19 @@ class SIGReg(nn.Module):
         gaussian = torch.randn(dim, self.num_slices, generator=generator, device=device)
         return gaussian / gaussian.norm(dim=0, keepdim=True)
 
-    def forward(self, z: Tensor) -> Tensor:
-        if not self._step_synced and _world_size() > 1:
-            step = self.step.to(z.device)
+    def _sync_step(self, device: torch.device) -> None:
+        """Take rank 0's step under torch.distributed, and mirror the buffer on the host."""
+        if _world_size() > 1:
+            step = self.step.to(device)  # on the device the process group accepts (NCCL: a GPU)
             dist.broadcast(step, src=0)
             self.step.copy_(step)
+        self._host_step = int(self.step)
         self._step_synced = True
-        directions = self.directions(z.shape[-1], int(self.step), z.device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self._step_synced:
+            self._sync_step(z.device)
+        directions = self.directions(z.shape[-1], self._host_step, z.device)
         self.step += 1
+        self._host_step += 1
         return sliced_epps_pulley(z, directions, self.knots, self.t_max)

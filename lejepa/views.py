@@ -105,7 +105,9 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(value == r, (g - b) / c, torch.where(value == g, (b - r) / c + 2, (r - g) / c + 4))
     hue = (hue / 6 + shift.view(-1, 1, 1)) % 1
     # HSV -> RGB in closed form: channel k(n) = (n + 6 * hue) mod 6 for n = 5, 3, 1 (R, G, B).
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    # The offsets 5, 3, 1 made on the device: copying a constant from host memory would wait for the GPU.
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (offsets + 6 * hue.unsqueeze(1)) % 6
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -232,13 +234,19 @@ class MultiCropViews(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images (B, {self.channels}, H, W), got {tuple(images.shape)}")
         x = _to_float(images)
-        global_solarize_p = torch.full((self.global_views,), SOLARIZE_P)
+        # Per-view settings are made where the images are, so no host-to-device copy stalls a GPU.
+        global_solarize_p = torch.full((self.global_views,), SOLARIZE_P, device=x.device)
         global_solarize_p[0] = 0.0
         global_views = self._views(
             x, self.global_views, self.global_size, self.global_scale, global_solarize_p, generator
         )
         local_views = self._views(
-            x, self.local_views, self.local_size, self.local_scale, torch.zeros(self.local_views), generator
+            x,
+            self.local_views,
+            self.local_size,
+            self.local_scale,
+            torch.zeros(self.local_views, device=x.device),
+            generator,
         )
         return global_views, local_views
 
@@ -265,7 +273,7 @@ class MultiCropViews(nn.Module):
         crops = _color_jitter(crops, generator)
         crops = _random_grayscale(crops, generator)
         crops = _random_blur(crops, generator)
-        crops = _random_solarize(crops, solarize_p.to(x.device).repeat_interleave(b), generator)
+        crops = _random_solarize(crops, solarize_p.repeat_interleave(b), generator)
         return _normalize(crops, self.mean, self.std).view(views, b, c, size, size)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from lejepa.views import eval_view
 
 FAST = {
     "evaluate": {
+        "device": "cpu",  # the same numbers on a machine with a GPU; tests/test_evaluate_cuda.py tests cuda
         "probe_epochs": 20,
         "probe_batch_size": 256,
         "probe_lr": 1e-2,
@@ -117,18 +119,63 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
     assert len(list((run / "eval").glob("features-*.safetensors"))) == 2
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        # without a GPU, auto is the CPU, and the first run's precision auto was fp32: the same features
+        ["evaluate.device=auto", "evaluate.precision=fp32"],
+    ],
+)
 def test_retry_reads_features_from_the_cache(
-    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch
+    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch, overrides: list[str]
 ) -> None:
 
     def recompute(*args: object, **kwargs: object) -> None:
         raise AssertionError("features were recomputed despite the cache")
 
     monkeypatch.setattr(evaluate, "extract_features", recompute)
-    again = evaluate.run_evaluate(load_config(digits_run))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    again = evaluate.run_evaluate(load_config(digits_run, overrides))
     assert again.linear_probe_top1 == evaluated["linear_probe_top1"]
     assert again.baselines == evaluated["baselines"]
     assert sum("cache" in note for note in again.notes) == 2
+    protocol = json.loads(Path(again.metrics).read_text())["protocol"]
+    assert protocol["features"].endswith("networks in fp32 on cpu")
+
+
+def test_features_key_of_explicit_precisions_is_unchanged() -> None:
+    """Caches written before `evaluate.device` and precision auto existed stay valid: same key, same file."""
+    cfg = load_config(None)
+    manifest = SimpleNamespace(url="s3://bucket/datasets/digits/v1/manifest.json", version="v1")
+    extractors = ["raw_pixels", "encoder", "random_init"]
+    keys = {
+        p: evaluate.features_key("ab" * 32, manifest, "test", extractors, p, cfg) for p in ("fp32", "bf16")
+    }
+    assert keys == {"fp32": "312be0eee8a80e5a", "bf16": "07cedf1415a14960"}
+
+
+def test_auto_device_and_precision() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert evaluate.resolve_device("cpu") == cpu
+    assert evaluate.resolve_device("auto") == (cuda if torch.cuda.is_available() else cpu)
+    assert evaluate.resolve_precision("auto", cpu) == "fp32"
+    assert evaluate.resolve_precision("auto", cuda) == "bf16"
+    assert evaluate.resolve_precision("bf16", cpu) == "bf16"
+    assert evaluate.resolve_precision("fp32", cuda) == "fp32"
+
+
+def test_cuda_without_a_gpu_is_one_error_line_and_writes_nothing(
+    digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    store = digits_run.parent / "store"
+    before = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
+    assert evaluate.cli(["--config", str(digits_run), "--set", "evaluate.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: evaluate.device=cuda, but torch sees no CUDA GPU")
+    assert "evaluate.device=auto" in err[0]
+    assert {path: path.stat().st_mtime_ns for path in store.rglob("*")} == before
 
 
 @pytest.mark.parametrize(
@@ -198,6 +245,25 @@ def test_calibrated_batchnorm_holds_the_data_statistics() -> None:
     torch.testing.assert_close(backbone.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.equal(backbone.conv1.weight, weights)
     assert effective_rank(frozen(images)) > 2 * rank_before
+
+
+def test_extraction_moves_images_to_the_device_and_features_back() -> None:
+    """The device-generic path, with device="cpu" spelt out: what a GPU run goes through."""
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet10t", in_chans=1)
+    description = encoder_description("resnet10t", {}, 1, 16, False, backbone.num_features, [0.3], [0.3])
+    frozen = FrozenEncoder(backbone, description).to(torch.device("cpu"))
+    # The normalisation follows the module to its device, but is not part of the exported weights.
+    assert frozen.mean.device.type == "cpu" and set(frozen.state_dict()) == {
+        f"backbone.{name}" for name in backbone.state_dict()
+    }
+    images = torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8)
+    batches = [(images[:12], torch.arange(12)), (images[12:], torch.arange(12, 20))]
+    extractors = {"encoder": evaluate.in_precision(frozen, "fp32")}
+    features = evaluate.extract_features(extractors, evaluate.on_device(batches, torch.device("cpu")))
+    assert features["encoder"].dtype == torch.float32 and features["encoder"].device.type == "cpu"
+    torch.testing.assert_close(features["encoder"], frozen(images))
+    assert torch.equal(features["labels"], torch.arange(20))
 
 
 def test_bf16_extraction_gives_float32_features_close_to_fp32() -> None:

@@ -62,3 +62,22 @@ def test_diagnostics_tell_gaussian_from_collapsed() -> None:
 def test_probes_reject_unlabelled_samples() -> None:
     with pytest.raises(ValueError, match="unlabelled"):
         linear_probe(torch.randn(4, 2), torch.tensor([0, 1, -1, 0]), torch.randn(2, 2))
+
+
+def test_knn_over_chunks_of_the_training_split_equals_one_pass() -> None:
+    """kNN scans a large training split in chunks (bounded memory on a GPU): the same neighbours."""
+    train_x, train_y = _clusters(1000, seed=8, spread=3.0)
+    test_x, _ = _clusters(300, seed=9, spread=3.0)
+    one_pass = knn_classify(train_x, train_y, test_x, CLASSES, k=20)
+    chunked = knn_classify(train_x, train_y, test_x, CLASSES, k=20, chunk_size=64, train_chunk_size=7)
+    assert torch.equal(chunked, one_pass)
+
+
+def test_probes_run_on_the_device_of_their_inputs() -> None:
+    """The device-generic path with the device spelt out (tests/test_evaluate_cuda.py runs it on a GPU)."""
+    device = torch.device("cpu")
+    train_x, train_y = (t.to(device) for t in _clusters(500, seed=10))
+    test_x, _ = _clusters(100, seed=11)
+    linear = linear_probe(train_x, train_y, test_x.to(device), CLASSES, epochs=2, batch_size=64)
+    knn = knn_classify(train_x, train_y, test_x.to(device), CLASSES)
+    assert linear.device == knn.device == device and linear.dtype == knn.dtype == torch.long

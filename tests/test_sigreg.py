@@ -1,11 +1,22 @@
 """SIGReg: the statistic's behaviour, agreement with the straightforward formulation, the module."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from lejepa.sigreg import SIGReg, reference_sliced_epps_pulley, sliced_epps_pulley
+import lejepa
+from lejepa import sigreg
+from lejepa.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def unit_directions(dim: int, slices: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -92,8 +103,14 @@ def test_collapsed_batch_has_the_closed_form_value():
     assert sliced_epps_pulley(z, unit_directions(5, 7, seed=0)).item() == pytest.approx(expected, rel=1e-12)
 
 
-# (shape, slices) chosen so the fast path runs over two row chunks, the last one ragged.
+# (shape, slices) chosen so both the CPU path and the pure-torch GPU path run over two row chunks,
+# the last one ragged.
 CASES = [((600, 32), 512), ((3, 257, 24), 512)]
+CPU_PATHS = ["recurrence", "torch"]  # the pure-torch GPU path runs on CPU tensors too
+
+
+def force_path(monkeypatch, path: str) -> None:
+    monkeypatch.setattr(sigreg, "ecf_path", lambda device, dtype: path)
 
 
 def values_and_grads(fn, z: torch.Tensor, directions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -102,8 +119,10 @@ def values_and_grads(fn, z: torch.Tensor, directions: torch.Tensor) -> tuple[tor
     return (value.detach(), *torch.autograd.grad(value, (z, directions)))
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize(("shape", "slices"), CASES, ids=str)
-def test_float64_value_and_gradients_equal_the_straightforward_formulation(shape, slices):
+def test_float64_value_and_gradients_equal_the_straightforward_formulation(shape, slices, path, monkeypatch):
+    force_path(monkeypatch, path)
     z = 1.3 * torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.2
     directions = unit_directions(shape[-1], slices, seed=1, dtype=torch.float64)
     fast = values_and_grads(sliced_epps_pulley, z, directions)
@@ -114,11 +133,22 @@ def test_float64_value_and_gradients_equal_the_straightforward_formulation(shape
         torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-10, atol=1e-12 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize(("shape", "slices"), CASES, ids=str)
-def test_float32_value_and_gradient_agree_within_1e5_and_1e4(shape, slices):
+def test_float32_value_and_gradient_agree_within_1e5_and_1e4(shape, slices, path, monkeypatch):
+    force_path(monkeypatch, path)
+    z, directions = float32_case(shape, slices)
+    fast = value_and_grad(sliced_epps_pulley, z.float(), directions.float())
+    assert_float32_agreement(*fast, z, directions)
+
+
+def float32_case(shape: tuple[int, ...], slices: int) -> tuple[torch.Tensor, torch.Tensor]:
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
-    directions = unit_directions(shape[-1], slices, seed=2, dtype=torch.float64)
-    fast, fast_grad = value_and_grad(sliced_epps_pulley, z.float(), directions.float())
+    return z, unit_directions(shape[-1], slices, seed=2, dtype=torch.float64)
+
+
+def assert_float32_agreement(fast, fast_grad, z: torch.Tensor, directions: torch.Tensor) -> None:
+    """`fast` value and gradient, from float32 inputs, agree with the reference within 1e-5 and 1e-4."""
     for ref_dtype in (torch.float32, torch.float64):  # the float32 reference, and the truth
         ref, ref_grad = value_and_grad(
             reference_sliced_epps_pulley, z.to(ref_dtype), directions.to(ref_dtype)
@@ -208,3 +238,143 @@ def test_module_draws_directions_on_the_device_of_z():
     assert value.device.type == "cuda" and z.grad is not None
     ref = reference_sliced_epps_pulley(z, module.directions(16, step=0, device="cuda"))
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_module_follows_a_loaded_step_backwards_too():
+    module = SIGReg(num_slices=64, seed=3)
+    z = torch.randn(128, 16, generator=torch.Generator().manual_seed(0))
+    first = module(z)
+    state = {name: value.clone() for name, value in module.state_dict().items()}
+    second = module(z)
+    module(z)
+    module.load_state_dict(state)
+    assert module(z).item() == second.item() != first.item()
+    assert module.step.item() == 2
+
+
+class ReadsBack(TorchFunctionMode):
+    """Fails on any read of a tensor's value into Python: on a GPU, each one is a host sync."""
+
+    READS = {torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.__bool__}
+    READS |= {torch.Tensor.item, torch.Tensor.tolist}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        assert func not in self.READS, f"{func.__name__} reads a tensor back to the host"
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_reads_its_step_back_only_once():
+    module = SIGReg(num_slices=64, seed=3)
+    z = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    module(z)
+    with ReadsBack():
+        value = module(z)
+        value.backward()
+        module(z)
+    assert module.step.item() == 3
+    assert value.item() == sliced_epps_pulley(z, module.directions(16, step=1)).item()
+
+
+# Which implementation computes the ECF sums, and the fallback when Triton cannot run.
+
+
+def test_the_path_is_chosen_by_device_and_dtype(monkeypatch):
+    monkeypatch.setattr(sigreg, "_triton_kernels", lambda: SimpleNamespace())
+    monkeypatch.setattr(sigreg, "_triton_error", None)
+    cuda = torch.device("cuda")
+    assert ecf_path(torch.device("cpu"), torch.float32) == "recurrence"
+    assert ecf_path(cuda, torch.float32) == "triton"
+    assert ecf_path(cuda, torch.float64) == "torch"
+    monkeypatch.setattr(sigreg, "_triton_kernels", lambda: None)
+    assert ecf_path(cuda, torch.float32) == "torch"
+
+
+def test_a_failing_kernel_turns_triton_off_once_and_the_torch_path_answers(monkeypatch):
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("PTX compilation failed")
+
+    monkeypatch.setattr(sigreg, "_triton_kernels", lambda: SimpleNamespace(ecf_sums=broken, ecf_grad=broken))
+    monkeypatch.setattr(sigreg, "_triton_error", None)
+    force_path(monkeypatch, "triton")
+    z, directions = float32_case((300, 16), 64)
+    with pytest.warns(RuntimeWarning, match="PTX compilation failed"):
+        fast, fast_grad = value_and_grad(sliced_epps_pulley, z.float(), directions.float())
+    assert len(calls) == 1  # the backward did not try again
+    assert sigreg._triton_error == "RuntimeError: PTX compilation failed"
+    assert_float32_agreement(fast, fast_grad, z, directions)
+    monkeypatch.undo()  # the real ecf_path, with Triton still off
+    monkeypatch.setattr(sigreg, "_triton_error", "RuntimeError: PTX compilation failed")
+    assert ecf_path(torch.device("cuda"), torch.float32) == "torch"
+
+
+def test_out_of_memory_in_a_kernel_is_raised_and_leaves_triton_on(monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    kernels = SimpleNamespace(ecf_sums=out_of_memory)
+    monkeypatch.setattr(sigreg, "_triton_kernels", lambda: kernels)
+    monkeypatch.setattr(sigreg, "_triton_error", None)
+    force_path(monkeypatch, "triton")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        sliced_epps_pulley(torch.randn(10, 4), unit_directions(4, 8, seed=0))
+    assert sigreg._triton_error is None
+
+
+def test_without_triton_the_import_fails_once_with_a_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "lejepa.sigreg_triton", raising=False)
+    monkeypatch.delattr(lejepa, "sigreg_triton", raising=False)
+    monkeypatch.setattr(sigreg, "_triton_error", None)
+    with pytest.warns(RuntimeWarning, match=r"unavailable \(ModuleNotFoundError: import of triton halted"):
+        assert sigreg._triton_kernels.__wrapped__() is None
+    assert sigreg._triton_error.startswith("ModuleNotFoundError")
+
+
+TRITON_CHILD = """
+import sys
+import torch
+from lejepa import sigreg, sigreg_triton
+
+sigreg.ecf_path = lambda device, dtype: "triton"
+inputs, out = torch.load(sys.argv[1]), sys.argv[2]
+results = []
+for z, directions in inputs:
+    z = z.float().requires_grad_()
+    value = sigreg.sliced_epps_pulley(z, directions.float())
+    results.append((value.detach(), torch.autograd.grad(value, z)[0]))
+x = inputs[0][0].float() @ inputs[0][1].float()
+sums = [sigreg_triton.ecf_sums(x, 0.25, 9)]
+sigreg_triton.SUMS_MIN_SPLIT_ROWS = 16  # rows split into segments of 24, 24 and 22
+sums.append(sigreg_triton.ecf_sums(x, 0.25, 9))
+torch.save({"results": results, "sums": sums, "error": sigreg._triton_error}, out)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+def test_triton_kernels_in_the_interpreter_equal_the_straightforward_formulation(tmp_path):
+    # TRITON_INTERPRET=1 must be set before Triton is imported, hence a fresh process; the kernels
+    # then run on CPU tensors, with numpy's cos and sin.
+    # Columns and rows both span two tiles or more, the last ones ragged (blocks of 16 x 128).
+    cases = [float32_case((70, 24), 200), float32_case((3, 37, 16), 60)]
+    torch.save(cases, tmp_path / "inputs.pt")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-c", TRITON_CHILD, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    child = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if "only 0-dimensional arrays can be converted to Python scalars" in child.stderr:
+        pytest.skip("this Triton's interpreter breaks under NumPy >= 2.4 (triton-lang/triton#9171)")
+    assert child.returncode == 0, child.stderr
+    out = torch.load(tmp_path / "out.pt")
+    assert out["error"] is None  # the kernels ran: no silent fallback
+    for (z, directions), (value, grad) in zip(cases, out["results"], strict=True):
+        assert_float32_agreement(value, grad, z, directions)
+    # The sums themselves, on a grid other than the default one, of the same float32 projections:
+    # the rows in one segment, then split into three.
+    t = 0.25 * torch.arange(9, dtype=torch.float64)
+    tx = (cases[0][0].float() @ cases[0][1].float()).double().unsqueeze(-1) * t
+    for sums in out["sums"]:
+        for got, expected in zip(sums, (tx.cos().sum(0), tx.sin().sum(0)), strict=True):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)

@@ -68,10 +68,16 @@ def weights(run_dir: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir, "encoder.safetensors")))
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_lower_the_loss(tmp_path: Path, store: Path, zero_stage: int) -> None:
+@pytest.mark.parametrize(("zero_stage", "views_on_device"), [(2, False), (3, False), (2, True)])
+def test_two_ranks_lower_the_loss(
+    tmp_path: Path, store: Path, zero_stage: int, views_on_device: bool
+) -> None:
     config = write_config(
-        tmp_path / "cfg.yaml", store, f"zero{zero_stage}", pretrain={"zero_stage": zero_stage}
+        tmp_path / "cfg.yaml",
+        store,
+        f"zero{zero_stage}-{views_on_device}",
+        pretrain={"zero_stage": zero_stage},
+        views={"on_device": views_on_device},
     )
     summary = pretrain(config)
 

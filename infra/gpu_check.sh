@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The GPU check, for a bare CUDA machine with its own torch and no internet (about 6 minutes on one H100):
+#   1. the CUDA tests (SIGReg, training on one GPU rank over NCCL, evaluation on the device) and the launcher's
+#      option and error tests against this machine's torch;
+#   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml);
+#   3. shard -> pretrain -> evaluate -> publish of Fashion-MNIST with infra/gpu.yaml;
+#   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, then in the
+#      loader, against the plain loop;
+# then prints one table. Each part has its own time limit and a failure does not stop the others.
+#
+#   bash infra/gpu_check.sh          (PY=python3 by default; logs and the table go to $OUT, or a temp folder)
+#
+# Packages the machine lacks travel as wheels in .whl/ and Fashion-MNIST's IDX files in .fashion-mnist/, both
+# git-ignored: infra/README.md says how to make them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-$(mktemp -d /tmp/lejepa-gpu-check.XXXXXX)}
+WORK=$(mktemp -d /tmp/lejepa-gpu-work.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl || exit 1
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ -d .fashion-mnist ]; then
+    mkdir -p "$FMNIST" && cp .fashion-mnist/*.gz "$FMNIST/" || exit 1
+fi
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "error: no CUDA device visible")' || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c 'import deepspeed, sys, timm, torch, triton
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, "
+      f"timm {timm.__version__}, deepspeed {deepspeed.__version__}")'
+
+# part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record status and seconds.
+part() {
+    local name=$1 limit=$2 started=$SECONDS
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.log"
+    echo "$name $rc $((SECONDS - started))" >> "$OUT/parts.txt"
+}
+: > "$OUT/parts.txt"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sigreg_cuda.py tests/test_train_cuda.py \
+    tests/test_evaluate_cuda.py tests/test_sigreg.py \
+    "tests/test_launch.py::test_launcher_commands_use_only_options_the_installed_launchers_have" \
+    "tests/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted"
+part sigreg 120 "$PY" benchmarks/sigreg.py --device cuda
+part train_step 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml
+part train_step_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=0 \
+    --steps 30
+
+STORE=$WORK/store
+SETS=(--config infra/gpu.yaml --set "storage.root=$STORE" --set pretrain.max_steps=400
+      --set pretrain.checkpoint_every=200)
+part shard 90 "$PY" -m lejepa.shard "${SETS[@]}"
+part pretrain 240 "$PY" -m lejepa.pretrain "${SETS[@]}"
+part evaluate 150 "$PY" -m lejepa.evaluate "${SETS[@]}"
+part publish 60 "$PY" -m lejepa.publish "${SETS[@]}"
+
+IMAGES=$WORK/jpeg
+VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.backbone=vit_small_patch16_224
+         "--set=model.backbone_kwargs={patch_size: 16}" --set views.global_size=224 --set views.local_size=96
+         --set pretrain.batch_size=128 --set pretrain.num_workers=12)
+part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 4096 --size 256
+part vit_s16_device 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
+    --set views.on_device=true --steps 30 --warmup 8
+part vit_s16_loader 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
+    --set views.on_device=false --steps 20 --warmup 5
+
+"$PY" - "$OUT" "$STORE" <<'PY'
+"""One table: every part's status and time, with the numbers it measured."""
+import json, re, statistics, sys
+from pathlib import Path
+
+out, store = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for line in (out / "parts.txt").read_text().splitlines():
+    name, rc, seconds = line.split()
+    log = (out / f"{name}.log").read_text(errors="replace")
+    results = [json.loads(m) for m in re.findall(r"^RESULT \S+ (.*)$", log, re.M)]
+    if name == "tests":
+        found = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", log, re.M)
+        what = found[-1] if found else "no pytest summary"
+    elif name == "sigreg":
+        shapes = [dict(kv.split("=", 1) for kv in m.split()) for m in re.findall(r"^summary (.*)$", log, re.M)]
+        what = "; ".join(
+            f"{r['views']}x{r['n']}x{r['d']}: {float(r['speedup']):.2f}x the straightforward speed, "
+            f"{float(r['memory_ratio']):.3f} of its memory ({r['path']})"
+            for r in shapes
+        )
+    elif name.startswith(("train_step", "vit_s16")):
+        what = "; ".join(
+            f"ours {r['ours_images_per_s']:.0f} img/s vs plain {r['plain_images_per_s']:.0f}: "
+            f"{r['ratio']:.3f}x, data wait {100 * r['data_wait']:.1f}%"
+            for r in results
+        )
+    elif name == "pretrain" and (store / "runs").exists():
+        run = next((store / "runs").iterdir())
+        log_lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        timed = log_lines[len(log_lines) // 4 :]
+        what = (
+            f"{len(log_lines)} steps, {statistics.median(r['images_per_s'] for r in timed):.0f} img/s "
+            f"(median), data wait {100 * statistics.mean(r['data_wait'] for r in timed):.1f}%, "
+            f"final loss {log_lines[-1]['loss']:.4f}"
+        )
+    elif name == "evaluate" and rc == "0":
+        summary = json.loads(log.strip().splitlines()[-1])
+        baselines = ", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items() if v is not None)
+        what = (
+            f"linear probe {summary['linear_probe_top1']:.4f}, kNN {summary['knn_top1']:.4f}; "
+            f"baselines (linear): {baselines}"
+        )
+    else:
+        tail = [x for x in log.strip().splitlines() if x.strip()]
+        what = tail[-1][:300] if tail else ""
+    rows.append((name, "ok" if rc == "0" else f"FAILED ({rc})", seconds, what))
+print("\n| part | status | seconds | result |\n|---|---|---|---|")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+PY
