@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lejepa.config import LaunchConfig, PipelineConfig
+from lejepa.with_parent import PARENT_ENV
 
 PROGRAM = "lejepa.train"
 FORWARDED_ENV = ("AWS_*", "DS_ACCELERATOR")
@@ -324,8 +325,15 @@ def _follow_job(
 
 
 def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[int, deque[str]]:
-    """Run the launcher in its own process group, echo its merged output line by line, keep the tail."""
+    """Run the launcher in its own process group, echo its merged output line by line, keep the tail.
+
+    A `python -m MODULE` launcher runs under `lejepa.with_parent`, so it dies with this process however
+    this process ends, and stops its ranks.
+    """
     tail: deque[str] = deque(maxlen=2000)
+    if argv[0] == sys.executable and argv[1] == "-m":
+        argv = [argv[0], "-m", "lejepa.with_parent", *argv[2:]]
+        env = {**env, PARENT_ENV: str(os.getpid())}
     proc = subprocess.Popen(
         argv,
         env=env,

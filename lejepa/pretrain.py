@@ -18,6 +18,7 @@ import yaml
 from lejepa.cli import config_from, forwarded, run_stage, stage_parser
 from lejepa.config import PipelineConfig, blank_credentials
 from lejepa.launch import LaunchError, launch
+from lejepa.lease import LeaseHeld, RunLease
 from lejepa.storage import Storage
 
 CREDENTIAL_ENV = {
@@ -65,12 +66,17 @@ def run_pretrain(
 
     `env` adds variables to every rank's environment (see `lejepa.launch.launch`).
     """
-    status = launch(cfg, program_args, dry_run=dry_run, env=env)
+    storage = Storage.from_config(cfg.storage)
+    if dry_run or (cfg.launch.mode == "slurm" and not cfg.launch.wait):
+        # A dry run trains nothing; a Slurm job submitted without waiting is Slurm's to supervise.
+        status = launch(cfg, program_args, dry_run=dry_run, env=env)
+    else:
+        with RunLease(storage, run_url(cfg)):
+            status = launch(cfg, program_args, env=env)
     if status != 0:
         raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
     if dry_run:
         return {}
-    storage = Storage.from_config(cfg.storage)
     return storage.read_json(f"{run_url(cfg)}/summary.json")
 
 
@@ -84,6 +90,7 @@ def cli(argv: list[str] | None = None) -> int:
         lambda: run_pretrain(config_from(args), forwarded(args), dry_run=args.dry_run) or None,
         LaunchError,
         PretrainFailed,
+        LeaseHeld,
     )
 
 

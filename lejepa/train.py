@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -37,6 +38,7 @@ from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
 from lejepa.storage import Storage
 from lejepa.views import MultiCropViews
+from lejepa.with_parent import die_with_parent
 
 
 class TrainingDiverged(RuntimeError):
@@ -555,6 +557,8 @@ def _export(
 
 
 def cli(argv: list[str] | None = None) -> int:
+    # A rank outlives no launcher: one that kept training would write the run beside a retry's ranks.
+    die_with_parent(signal.SIGKILL)
     args = stage_parser("python -m lejepa.train", __doc__.splitlines()[0]).parse_args(argv)
     # Every rank runs this; only rank 0 prints the summary line.
     return run_stage(lambda: _rank0_only(train(config_from(args))), TrainingDiverged)

@@ -1,0 +1,143 @@
+"""One writer per run: the run lease, and ranks that die with their launcher.
+
+The real test SIGKILLs a `lejepa.pretrain` launcher mid-run, as the OOM killer would, and checks that none
+of its processes is left, that a retry resumes alone, and that a concurrent second attempt is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lejepa.config import load_config
+from lejepa.lease import LEASE, LeaseHeld, RunLease
+from lejepa.shard import write_shards
+from lejepa.storage import Storage
+from lejepa.with_parent import PARENT_ENV
+
+REPO = Path(__file__).parents[1]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_live_lease_refuses_a_second_holder_until_released(tmp_path: Path) -> None:
+    storage = Storage.from_config(load_config(None, [f"storage.root={tmp_path}"]).storage)
+    run = storage.url("runs", "r")
+    first = RunLease(storage, run, settle=0)
+    first.acquire()
+    with pytest.raises(LeaseHeld, match=f"is being trained by pid {os.getpid()}"):
+        RunLease(storage, run, settle=0).acquire()
+    first.release()
+    assert not (tmp_path / "runs" / "r" / LEASE).exists()
+    with RunLease(storage, run, settle=0):
+        assert json.loads((tmp_path / "runs" / "r" / LEASE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lease_is_taken_over_only_when_its_holder_is_provably_gone(tmp_path: Path) -> None:
+    storage = Storage.from_config(load_config(None, [f"storage.root={tmp_path}"]).storage)
+    run = storage.url("runs", "r")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    live_elsewhere = {
+        "host": "other-node",
+        "pid": 1,
+        "token": "x",
+        "renewed": "now",
+        "expires": time.time() + 60,
+    }
+    storage.write_json(f"{run}/{LEASE}", live_elsewhere)
+    with pytest.raises(LeaseHeld, match="on other-node"):
+        RunLease(storage, run, settle=0).acquire()
+    storage.write_json(f"{run}/{LEASE}", {**live_elsewhere, "expires": time.time() - 1})  # expired
+    with RunLease(storage, run, settle=0):
+        pass
+    gone_here = {**live_elsewhere, "host": socket.gethostname(), "pid": int(dead.stdout)}
+    storage.write_json(f"{run}/{LEASE}", gone_here)  # this host, and that process has exited
+    with RunLease(storage, run, settle=0):
+        pass
+
+
+def _processes_of_launcher(pid: int) -> list[int]:
+    """Processes started under the launcher `pid` (torchrun and the ranks carry its pid in their env)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{PARENT_ENV}={pid}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    write_shards(load_config(None, [f"storage.root={store}", "data.source=digits"]), progress=False)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(store)},
+                "data": {"source": "digits"},
+                "model": {"backbone": "resnet10t", "proj_hidden_dim": 256, "proj_dim": 64},
+                "views": {"local_views": 2},
+                "loss": {"num_slices": 128},
+                "pretrain": {
+                    "run_name": "lease",
+                    "batch_size": 32,
+                    "max_steps": 24,
+                    "checkpoint_every": 2,
+                    "num_workers": 1,
+                },
+                "launch": {"nproc_per_node": 2, "accelerator": "cpu"},
+            }
+        )
+    )
+    command = [sys.executable, "-m", "lejepa.pretrain", "--config", str(config)]
+    run = store / "runs" / "lease"
+    marker = run / "checkpoints" / "latest.json"
+
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: marker.exists() and json.loads(marker.read_text())["step"] >= 2, "the first checkpoint")
+    assert len(_processes_of_launcher(first.pid)) >= 3  # torchrun and two ranks
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    wait_for(lambda: not _processes_of_launcher(first.pid), "the killed launcher's ranks to exit", timeout=30)
+
+    retry = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lease = run / LEASE
+    wait_for(
+        lambda: lease.exists() and json.loads(lease.read_text())["pid"] == retry.pid, "the retry's lease"
+    )
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert (
+        second.stderr.strip().splitlines()[-1].startswith("error: run ")
+        and f"pid {retry.pid}" in second.stderr
+    )
+
+    out, _ = retry.communicate(timeout=300)
+    assert retry.returncode == 0, out[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 24
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # resumed once, nothing trained twice
+    assert not lease.exists()
