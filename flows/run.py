@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import sys
 
-from lejepa.cli import config_from, stage_parser
+from lejepa.cli import USER_ERRORS, config_from, stage_parser
 from lejepa.config import ConfigError
+from lejepa.launch import LaunchError
+from lejepa.lease import LeaseHeld
+
+FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError, LeaseHeld)
 
 
 def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int:
@@ -31,7 +35,11 @@ def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int
     try:
         result = pipeline(config=cfg, force=args.force, continual=args.continual)
     except Exception as exc:  # the failed stage's own error, already in the run's log
-        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, FLOW_USER_ERRORS):  # the user's to fix, as every stage command says it
+            print(f"error: {first_line}", file=sys.stderr)
+            return 2
+        print(f"error: {type(exc).__name__}: {first_line}", file=sys.stderr)
         return 1
     published, evaluated = result["publish"], result["evaluate"]
     print(f"release: {published['model_uri']} ({published['reason']})")

@@ -75,16 +75,26 @@ class OnlineProbe:
     enter the gradient-norm clipping; its gradients are averaged over ranks to keep replicas equal.
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, device: torch.device, lr: float = 1e-3) -> None:
-        self.head = nn.Linear(embed_dim, num_classes).to(device)
+    def __init__(
+        self, embed_dim: int, num_classes: int, device: torch.device, seed: int, lr: float = 1e-3
+    ) -> None:
+        with torch.random.fork_rng(devices=[]):  # the same head on every rank, whatever its RNG
+            torch.manual_seed(seed)
+            self.head = nn.Linear(embed_dim, num_classes).to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-6)
 
     def step(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """One update; returns [loss, accuracy] on the device, so the training step never waits for it."""
+        """One update; returns [loss, accuracy] on the device, so the training step never waits for it.
+
+        Unlabelled samples (label -1, e.g. a partly labelled webdataset) are left out; a batch without
+        labels updates nothing and reports 0.
+        """
         features = embeddings.detach().float().flatten(0, 1)
         targets = labels.repeat(embeddings.shape[0])
         logits = self.head(features)
-        loss = nn.functional.cross_entropy(logits, targets)
+        labelled = targets >= 0
+        count = labelled.sum().clamp(min=1)
+        loss = nn.functional.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / count
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -92,7 +102,8 @@ class OnlineProbe:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
         self.optimizer.step()
-        return torch.stack([loss.detach(), (logits.argmax(1) == targets).float().mean()])
+        correct = ((logits.argmax(1) == targets) & labelled).sum()
+        return torch.stack([loss.detach(), correct / count])
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -446,7 +457,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             buffer.data = buffer.data.to(dtype)
 
     probe = (
-        OnlineProbe(encoder.embed_dim, len(manifest.classes), device)
+        OnlineProbe(encoder.embed_dim, len(manifest.classes), device, seed=cfg.seed)
         if p.online_probe and manifest.classes
         else None
     )

@@ -78,11 +78,15 @@ def task_runs_of(flow_run_id: uuid.UUID) -> list:
         runs = client.read_task_runs(
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
         )
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs])
+        children = (
+            client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs])
+                )
             )
-        ) if runs else []
+            if runs
+            else []
+        )
     return runs + [t for child in children for t in task_runs_of(child.id)]
 
 
@@ -95,8 +99,12 @@ def test_whole_flow_completes_publishes_artifacts_then_reruns_from_cache(tmp_pat
     from flows.pipeline import pipeline
 
     root = tmp_path / "store"
-    cfg = tiny(str(root), "pretrain.run_name=flow", f"storage.secret_access_key={SECRET}",
-               "storage.access_key_id=AKIAFLOWTEST")
+    cfg = tiny(
+        str(root),
+        "pretrain.run_name=flow",
+        f"storage.secret_access_key={SECRET}",
+        "storage.access_key_id=AKIAFLOWTEST",
+    )
     state = pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -120,19 +128,27 @@ def test_whole_flow_completes_publishes_artifacts_then_reruns_from_cache(tmp_pat
     # The same inputs again: the dataset is up to date and every stage's task is served from the cache.
     again = pipeline(config=cfg, return_state=True)
     assert again.is_completed()
-    assert again.result() == {**result, "shard": {**result["shard"], "up_to_date": True, "seconds": 0.0,
-                                                   "images_per_s": 0.0}}
+    assert again.result() == {
+        **result,
+        "shard": {**result["shard"], "up_to_date": True, "seconds": 0.0, "images_per_s": 0.0},
+    }
     rerun = task_runs_of(again.state_details.flow_run_id)
     by_name = {r.name.rsplit("-", 1)[0]: r.state.name for r in rerun}
-    assert by_name == {"lejepa-shard": "Completed", "check-dataset": "Completed", "pretrain": "Cached",
-                       "evaluate": "Cached", "publish": "Cached"}  # lejepa-shard: the subflow's own run
+    assert by_name == {
+        "lejepa-shard": "Completed",
+        "check-dataset": "Completed",
+        "pretrain": "Cached",
+        "evaluate": "Cached",
+        "publish": "Cached",
+    }  # lejepa-shard: the subflow's own run
 
     # Results persist in the store, and no secret reached results, artifacts, rank configs or the API.
     assert any((root / "prefect-results").iterdir())
     leaked = [p for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
-    assert not any(SECRET in (a.data if isinstance(a.data, str) else json.dumps(a.data))
-                   for a in artifacts.values())
+    assert not any(
+        SECRET in (a.data if isinstance(a.data, str) else json.dumps(a.data)) for a in artifacts.values()
+    )
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
     assert SECRET not in json.dumps(run.parameters, default=str)
@@ -278,3 +294,26 @@ def test_dask_task_runner_writes_the_same_shards_as_threads(tmp_path: Path) -> N
         manifest = json.loads(Path(state.result()["manifest"]).read_text())
         by_runner[runner] = sorted(s["sha256"] for s in manifest["shards"])
     assert len(by_runner["dask"]) == 6 and by_runner["dask"] == by_runner["threads"]
+
+
+def test_run_command_exits_2_on_a_user_error_inside_the_flow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.run import cli
+
+    missing = tmp_path / "no-such-folder"
+    rc = cli(
+        [
+            "--set",
+            f"storage.root={tmp_path / 'store'}",
+            "--set",
+            "data.source=imagefolder",
+            "--set",
+            f"data.path={missing}",
+            "--set",
+            "orchestration.shard.retries=0",
+        ]
+    )
+    assert rc == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(missing) in last, last

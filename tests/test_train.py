@@ -190,3 +190,20 @@ def test_checkpoints_and_resume_on_s3(
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     encoder = lejepa.load_encoder(resumed["encoder"], storage)
     assert encoder(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)).shape == (2, encoder.embed_dim)
+
+
+def test_online_probe_starts_equal_on_every_rank_and_skips_unlabelled_samples() -> None:
+    from lejepa.train import OnlineProbe
+
+    torch.manual_seed(1)  # each rank seeds its global RNG with seed + rank
+    first = OnlineProbe(8, 3, torch.device("cpu"), seed=0)
+    torch.manual_seed(2)
+    second = OnlineProbe(8, 3, torch.device("cpu"), seed=0)
+    assert torch.equal(first.head.weight, second.head.weight)
+
+    embeddings = torch.randn(2, 4, 8)
+    before = first.head.weight.clone()
+    loss, accuracy = first.step(embeddings, torch.tensor([-1, -1, -1, -1])).tolist()
+    assert (loss, accuracy) == (0.0, 0.0) and torch.equal(first.head.weight, before)
+    loss, accuracy = first.step(embeddings, torch.tensor([0, -1, 2, -1])).tolist()
+    assert loss > 0 and accuracy in (0.0, 0.5, 1.0)  # over the two labelled samples only
