@@ -7,16 +7,79 @@ value fails with the dotted name of the field, e.g. ``views.global_views: Input 
 from __future__ import annotations
 
 import copy
+import ipaddress
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so a misspelt option never silently does nothing.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Values that reach an sbatch script, a shell or a store path must match an allow-list pattern in full:
+# then no newline, blank, quote, `$`, `;` or `/` in one can start another command, option or folder.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A Slurm partition, account or job name, or one folder of a store path (so never '.' or '..')."""
+NAME_RULE = "write letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+LOCAL_PATH = re.compile(r"[A-Za-z0-9._/+@-]+")
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite)")
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?)*")
+SBATCH_OPTION = re.compile(r"--([a-z-]+)(=[A-Za-z0-9._:,@+/=|&*\[\]-]+)?")
+SBATCH_OPTIONS = (
+    "begin comment constraint contiguous cores-per-socket cpus-per-gpu deadline dependency distribution "
+    "exclude exclusive gpu-bind gpus gpus-per-task gres gres-flags hint licenses mail-type mail-user mem "
+    "mem-bind mem-per-cpu mem-per-gpu mincpus nice no-requeue nodelist ntasks-per-core ntasks-per-socket "
+    "overcommit oversubscribe qos requeue reservation signal sockets-per-node switches threads-per-core "
+    "time-min tmp wckey"
+).split()
+"""What extra_sbatch may add: resources and scheduling. Options that pick files (--output, --chdir), the
+job's environment (--export) or its identity (--uid) would let a config run or overwrite things."""
+SSH_KEYS = (
+    "AddressFamily BatchMode CheckHostIP Compression ConnectionAttempts ConnectTimeout GlobalKnownHostsFile "
+    "IdentitiesOnly IdentityFile LogLevel PasswordAuthentication Port PubkeyAuthentication "
+    "ServerAliveCountMax ServerAliveInterval StrictHostKeyChecking User UserKnownHostsFile"
+).split()
+"""What `ssh -o KEY=VALUE` may set; never a key that runs a command (ProxyCommand, LocalCommand,
+KnownHostsCommand), hops through another host (ProxyJump) or loads code (PKCS11Provider)."""
+SSH_SWITCHES = ("-4", "-6", "-C", "-q", "-v")
+SSH_ARGUMENTS = {
+    "-o": re.compile(rf"(?i:{'|'.join(SSH_KEYS)})=[A-Za-z0-9._/+@:,-]+"),
+    "-i": LOCAL_PATH,
+    "-F": LOCAL_PATH,
+    "-p": re.compile(r"\d{1,5}"),
+    "-l": NAME,
+}
+"""The ssh flags that take a value, and the values each accepts."""
+
+
+def _refused(value: object, what: str) -> PydanticCustomError:
+    """The error of a config value that is not `what` (e.g. "a Slurm partition: write ..."), quoting it."""
+    return PydanticCustomError("unsafe_value", "{value} is not {what}", {"value": repr(value), "what": what})
+
+
+def _folder_name(value: str) -> str:
+    if not NAME.fullmatch(value):
+        raise _refused(value, f"a folder name: {NAME_RULE} (it names a folder in the store)")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_folder_name)]
+"""A name the pipeline joins into store paths ({root}/runs/{run_name}, ...): one plain path segment."""
 
 
 class ModelConfig(Section):
@@ -76,7 +139,7 @@ class DataConfig(Section):
     """Where images come from; see lejepa.sources for what each one reads."""
     path: str | None = None
     """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's)."""
-    name: str | None = None
+    name: FolderName | None = None
     """Dataset name in the store ({root}/datasets/{name}/...); None uses the source's name."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Seeded hold-out of the train split that becomes the `val` split."""
@@ -105,7 +168,7 @@ class ShardConfig(Section):
 
 
 class PretrainConfig(Section):
-    run_name: str = "default"
+    run_name: FolderName = "default"
     """The run's folder is {storage.root}/runs/{run_name}; starting a run with the same name resumes it."""
     init_from: str | None = None
     """Warm start: a published release or run folder (with encoder.safetensors, and projector.safetensors
@@ -170,7 +233,8 @@ class LaunchConfig(Section):
     ssh_port: int | None = Field(None, gt=0, lt=65536)
     """Port of sshd on the hosts (hostfile mode with pdsh); None uses ssh's default or ssh_config."""
     ssh_options: list[str] = Field(default_factory=list)
-    """Extra ssh arguments for every connection, e.g. ["-F", "/etc/lejepa/ssh_config"] or ["-i", "KEY"]."""
+    """Extra ssh arguments for every connection, e.g. ["-F", "/etc/lejepa/ssh_config"] or ["-i", "KEY"]: only
+    -o KEY=VALUE with a KEY of SSH_KEYS, -i, -F, -p, -l and -4/-6/-C/-q/-v (nothing that runs a command)."""
     env: list[str] = Field(default_factory=list)
     """Environment variables forwarded to remote hostfile ranks besides AWS_* and DS_ACCELERATOR; NAME or
     PREFIX_*. They travel in a private .deepspeed_env file (DS_ENV_FILE) and are masked in all output."""
@@ -185,13 +249,87 @@ class LaunchConfig(Section):
     cpus_per_task: int | None = Field(None, gt=0)
     """CPU cores per rank in a Slurm job; also the ranks' OMP_NUM_THREADS."""
     extra_sbatch: list[str] = Field(default_factory=list)
-    """More sbatch options, one per item, written as `#SBATCH <item>` (e.g. "--exclusive", "--qos=high")."""
+    """More sbatch options, one per item, written as `#SBATCH <item>` (e.g. "--exclusive", "--qos=high"); the
+    options of SBATCH_OPTIONS only."""
     job_name: str = "lejepa-pretrain"
     """Slurm job name; also names the generated script and its log."""
     slurm_dir: str = "slurm"
     """Directory (on the shared file system) for the generated sbatch script and the job's log."""
     wait: bool = True
     """Slurm: wait for the job to end, streaming its log, and return its exit status; False only submits."""
+
+    @field_validator("partition", "account", "job_name")
+    @classmethod
+    def _slurm_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not NAME.fullmatch(value):
+            raise _refused(value, f"a Slurm {info.field_name.replace('_', ' ')}: {NAME_RULE}")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML reads an unquoted 90 as a number, and 30:00 as the number 1800: guessing would be wrong.
+            raise _refused(value, 'text: quote the time limit, e.g. launch.time="90" or "04:00:00"')
+        if isinstance(value, str) and not SLURM_TIME.fullmatch(value):
+            raise _refused(
+                value,
+                "a Slurm time limit: write MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, "
+                "DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS (e.g. 90, 04:00:00, 2-00:00:00)",
+            )
+        return value
+
+    @field_validator("master_addr")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None or HOST_NAME.fullmatch(value):
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise _refused(value, "a host name or IP address, e.g. node-01.cluster or 10.0.0.1") from None
+        return value
+
+    @field_validator("hostfile", "slurm_dir")
+    @classmethod
+    def _local_path(cls, value: str | None) -> str | None:
+        if value is not None and not LOCAL_PATH.fullmatch(value):
+            raise _refused(value, "a plain path: write letters, digits and '._/+@-' only (no blank or ~)")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_options(cls, items: list[str]) -> list[str]:
+        for item in items:
+            option = SBATCH_OPTION.fullmatch(item)
+            if not option or option.group(1) not in SBATCH_OPTIONS:
+                raise _refused(
+                    item,
+                    f"an allowed sbatch option: write --NAME or --NAME=VALUE with NAME one of "
+                    f"{', '.join(SBATCH_OPTIONS)} and VALUE of letters, digits and '._:,@+/=|&*[]-' "
+                    "(partition, account, time and job_name have fields of their own)",
+                )
+        return items
+
+    @field_validator("ssh_options")
+    @classmethod
+    def _ssh_options(cls, items: list[str]) -> list[str]:
+        # An item may hold a flag and its value ("-o BatchMode=yes"): split it, one ssh argument per item.
+        words = [word for item in items for word in item.split()]
+        rest = iter(words)
+        for word in rest:
+            if word in SSH_SWITCHES:
+                continue
+            flag, value = word[:2], word[2:] or next(rest, "")
+            pattern = SSH_ARGUMENTS.get(flag)
+            if pattern is None or not pattern.fullmatch(value):
+                raise _refused(
+                    word if word[2:] else f"{word} {value}".strip(),
+                    f"an allowed ssh option: write -o KEY=VALUE with KEY one of {', '.join(SSH_KEYS)}; "
+                    f"or -i FILE, -F FILE, -p PORT, -l USER, {', '.join(SSH_SWITCHES)} (nothing that runs a "
+                    "command, such as ProxyCommand)",
+                )
+        return words
 
 
 class EvaluateConfig(Section):
@@ -237,7 +375,7 @@ class EvaluateConfig(Section):
 
 
 class PublishConfig(Section):
-    name: str | None = None
+    name: FolderName | None = None
     """Model name: releases go to {storage.root}/models/{name}/{version}/; None uses pretrain.run_name."""
     min_top1: float = Field(0.0, ge=0.0, le=1.0)
     """Promotion gate: a release becomes `latest` only with a linear-probe top-1 at least this (and not

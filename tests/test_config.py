@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from lejepa import __version__
 from lejepa.config import ConfigError, load_config, redacted
@@ -86,3 +87,28 @@ def test_console_script_prints_version_and_help():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: invalid config: loss.lamb"
     )
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("pretrain.run_name=../models/x", "pretrain.run_name"),
+        ("pretrain.run_name=..", "pretrain.run_name"),
+        ("data.name=a/b", "data.name"),
+        ("data.name=.", "data.name"),
+        ("publish.name=/abs", "publish.name"),
+        ('publish.name="x\\ny"', "publish.name"),
+    ],
+)
+def test_names_joined_into_store_paths_must_be_one_folder(override, field):
+    with pytest.raises(ConfigError, match=rf"^invalid config: {field}: .* is not a folder name: "):
+        load_config(None, [override])
+
+
+def test_plain_folder_names_are_accepted_and_assignments_checked():
+    cfg = load_config(None, ["pretrain.run_name=vit-s4_gpu.2", "data.name=fashion-mnist", "publish.name=m"])
+    assert (cfg.pretrain.run_name, cfg.data.name, cfg.publish.name) == ("vit-s4_gpu.2", "fashion-mnist", "m")
+    # The continual flow renames runs by assignment: the same check applies.
+    cfg.pretrain.run_name = "fmnist-v-0123456789ab"
+    with pytest.raises(ValidationError, match="is not a folder name"):
+        cfg.pretrain.run_name = "../models/fmnist"

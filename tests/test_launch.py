@@ -224,6 +224,62 @@ def test_config_rejects_unknown_and_invalid_launch_fields() -> None:
     assert cfg.launch.env == ["HF_TOKEN", "WANDB_*"]
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ('launch.partition="gpu\\ntouch MARK"', "launch.partition"),
+        ('launch.job_name="x\\ntouch MARK"', "launch.job_name"),
+        ('launch.extra_sbatch=["--exclusive", "--qos=high\\ntouch MARK"]', "launch.extra_sbatch"),
+        ('launch.extra_sbatch=["--qos=high --export=ALL"]', "launch.extra_sbatch"),
+        ('launch.extra_sbatch=["--export=ALL,LD_PRELOAD=/tmp/x.so"]', "launch.extra_sbatch"),
+        ('launch.extra_sbatch=["--output=/home/me/.bashrc"]', "launch.extra_sbatch"),
+        ("launch.account=proj;id", "launch.account"),
+        ('launch.time="04:00:00\\ntouch MARK"', "launch.time"),
+        ("launch.time=90", "launch.time"),  # an unquoted YAML number (30:00 would arrive as 1800)
+        ('launch.master_addr="$(touch MARK)"', "launch.master_addr"),
+        ('launch.slurm_dir="slurm\\ntouch MARK"', "launch.slurm_dir"),
+        ('launch.hostfile="hosts; touch MARK"', "launch.hostfile"),
+        ("launch.ssh_options=[-o, ProxyCommand=touch MARK]", "launch.ssh_options"),
+        ("launch.ssh_options=[-oproxycommand=nc %h %p]", "launch.ssh_options"),
+        ('launch.ssh_options=["-o LocalCommand=id", "-o PermitLocalCommand=yes"]', "launch.ssh_options"),
+        ("launch.ssh_options=[-J, bastion]", "launch.ssh_options"),
+        ("launch.ssh_options=[-o, ProxyJump=bastion]", "launch.ssh_options"),
+        ("launch.ssh_options=[-o]", "launch.ssh_options"),
+    ],
+)
+def test_config_refuses_values_that_would_run_commands(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^invalid config: {field}: .* is not ") as refusal:
+        load_config(overrides=["launch.mode=slurm", override])
+    assert "\n" not in str(refusal.value)
+
+
+def test_config_accepts_legitimate_launch_values(tmp_path: Path) -> None:
+    lc = load_config(
+        overrides=[
+            "launch.partition=gpu-a100",
+            "launch.account=proj_42.a",
+            "launch.job_name=vit-s4",
+            "launch.time=1-02:00:00",
+            "launch.master_addr=node-01.cluster",
+            f"launch.slurm_dir={tmp_path}/slurm",
+            'launch.extra_sbatch=[--exclusive, --qos=high, "--constraint=a100|h100", "--nodelist=g[01-04]"]',
+            'launch.ssh_options=["-o StrictHostKeyChecking=no", -o, UserKnownHostsFile=/dev/null, "-p 2222", '
+            "-F, /etc/lejepa/ssh_config, -i, KEY, -oConnectTimeout=10, -q]",
+        ]
+    ).launch
+    # Each ssh argument becomes one item, so "-o StrictHostKeyChecking=no" reaches ssh as its two arguments.
+    assert lc.ssh_options == [
+        *("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", "2222"),
+        *("-F", "/etc/lejepa/ssh_config", "-i", "KEY", "-oConnectTimeout=10", "-q"),
+    ]
+    assert lc.extra_sbatch[-1] == "--nodelist=g[01-04]" and lc.time == "1-02:00:00"
+    for limit in ("90", "90:30", "04:00:00", "2-00", "2-00:00:00", "UNLIMITED"):
+        assert LaunchConfig(time=limit).time == limit
+    assert load_config(overrides=['launch.time="90"']).launch.time == "90"
+    for addr in ("10.0.0.1", "fe80::1", "localhost", "n_01"):
+        assert LaunchConfig(master_addr=addr).master_addr == addr
+
+
 def test_deepspeed_env_file_forwards_defaults_and_extras(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -536,6 +592,45 @@ def test_slurm_dry_run_prints_the_script_and_submits_nothing(
     assert "#SBATCH --partition=debug" in out
     assert out.rstrip().endswith("-m lejepa.train --set launch.mode=slurm --set launch.partition=debug")
     assert not (tmp_path / "submitted").exists() and not (tmp_path / "slurm").exists()
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_slurm_injection_through_the_cli_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], dry_run: list[str]
+) -> None:
+    # The issue's reproduction: a newline in a directive value became a command of the batch script, which
+    # the stand-in sbatch then ran. Now the config is refused, naming the field, and no script exists.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{os.environ['PATH']}")
+    injected = f'launch.partition="gpu\\ntouch {tmp_path}/MARK"'
+    assert cli([*dry_run, "--set", "launch.mode=slurm", "--set", injected]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("error: invalid config: launch.partition: 'gpu\\ntouch ") and "not a Slurm" in line
+    assert not (tmp_path / "MARK").exists() and not (tmp_path / "slurm").exists()
+
+
+def test_slurm_script_quotes_and_checks_what_it_interpolates(tmp_path: Path) -> None:
+    # Defence in depth: a LaunchConfig built without validation still cannot add a line to the script.
+    def script(**fields: object) -> str:
+        lc = LaunchConfig.model_construct(mode="slurm", accelerator="cpu", **fields)
+        return slurm_script(lc, "lejepa.train", [], log_path=tmp_path / "job.out")
+
+    assert "\nexport MASTER_ADDR='a;touch MARK'\n" in script(master_addr="a;touch MARK")
+    for fields in ({"partition": "gpu\ntouch MARK"}, {"extra_sbatch": ["--qos=a b"]}, {"job_name": 'x"y'}):
+        with pytest.raises(LaunchError, match="cannot write the sbatch directive"):
+            script(**fields)
+    legit = script(partition="gpu-a100", time="1-02:00:00", master_addr="10.0.0.1", extra_sbatch=["--mem=8G"])
+    assert "#SBATCH --partition=gpu-a100\n#SBATCH --time=1-02:00:00\n#SBATCH --mem=8G\n" in legit
+    assert "\nexport MASTER_ADDR=10.0.0.1\n" in legit
+
+
+def test_hostfile_master_address_must_be_a_plain_host(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h;touch slots=1\n")
+    with pytest.raises(LaunchError, match=r"master address 'h;touch' is not a plain host name"):
+        hostfile_command(cpu_config(mode="hostfile", hostfile=str(hostfile)).launch, "lejepa.train", [])
 
 
 def test_slurm_submit_without_sbatch_fails_in_one_line(
