@@ -19,11 +19,15 @@ round-robin starts at batch j: the same seed, world size and worker count give t
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
+import posixpath
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -57,34 +61,120 @@ def decode_image(data: bytes, image: ImageStats) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _label(sample: dict[str, bytes]) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
+class Sample(NamedTuple):
+    """One raw sample of a shard: its members by extension, and where it is from (for messages)."""
+
+    url: str
+    key: str
+    members: dict[str, bytes]
 
 
-def _collate(samples: list[dict[str, bytes]], image: ImageStats) -> tuple[torch.Tensor, torch.Tensor]:
-    images = np.stack([decode_image(s[image_member(s)], image) for s in samples])
-    labels = torch.tensor([_label(s) for s in samples], dtype=torch.int64)
-    return torch.from_numpy(images), labels
+def _label(members: dict[str, bytes]) -> int:
+    return int(members["cls"]) if "cls" in members else -1
+
+
+# Undecodable images this process skipped. Each skip prints one warning line with the running count on
+# stderr (a loader worker's stderr is its rank's, which the launcher and Prefect show): that is how the
+# count reaches the user.
+_skipped = itertools.count(1)
+
+
+def _collate(
+    samples: Iterator[Sample], image: ImageStats, size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The next `size` decodable samples of `samples` (fewer if it runs out) as (uint8 images, labels), or
+    None when none is left. An image that cannot be decoded is skipped together with its label.
+    """
+    images, labels = [], []
+    for sample in samples:
+        try:
+            images.append(decode_image(sample.members[image_member(sample.members)], image))
+        except Exception as exc:  # any decoder failure means a bad file: one sample lost, not the job
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            print(
+                f"warning: skipped undecodable image {sample.key} of {sample.url} ({reason}); "
+                f"{next(_skipped)} skipped by this process",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        labels.append(_label(sample.members))
+        if len(images) == size:
+            break
+    if not images:
+        return None
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
 class ShardRange:
     """Samples [start, stop) of one shard, in the shard's order."""
 
-    url: str
+    shard: ShardEntry
     start: int
     stop: int
 
 
-def _read_ranges(storage: Storage, ranges: list[ShardRange]) -> Iterator[dict[str, bytes]]:
-    """Raw samples of the ranges, in order; samples before `start` are skipped without decoding."""
+class _HashingReader:
+    """A read-only file that hashes and counts what is read through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256, self.num_bytes = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha256.update(data)
+        self.num_bytes += len(data)
+        return data
+
+
+def _read_ranges(storage: Storage, ranges: list[ShardRange]) -> Iterator[Sample]:
+    """Raw samples of the ranges, in order; samples before `start` are read but not decoded.
+
+    A range that reaches the end of its shard checks the shard against the manifest's sha256 before handing
+    out the last sample: every byte has been read by then, so the check costs only the hashing. A range
+    that stops before the end (a rank's or worker's run ending mid-shard) leaves the check to the run that
+    reads the shard's end, as hashing the rest would mean reading it. A corrupt or truncated shard is a
+    DataError naming it and the fix.
+    """
     for r in ranges:
-        with storage.open(r.url, "rb") as f:
-            for i, (_, sample) in enumerate(iter_tar_samples(f)):
-                if i >= r.stop:
-                    break
-                if i >= r.start:
-                    yield sample
+        url, expected = r.shard.url, r.shard.num_samples
+        with storage.open(url, "rb") as raw:
+            f = _HashingReader(raw)
+            n = 0
+            try:
+                for key, members in iter_tar_samples(f, url):
+                    if n == expected - 1:  # the shard's last sample: only the end-of-archive blocks are left
+                        while f.read(1 << 20):
+                            pass
+                        if f.sha256.hexdigest() != r.shard.sha256:
+                            raise DataError(
+                                f"{url} does not match its sha256 in the manifest ({f.num_bytes} bytes read, "
+                                f"{r.shard.num_bytes} listed): the shard is corrupt"
+                            )
+                    if n >= r.start:
+                        yield Sample(url, key, members)
+                    n += 1
+                    if n == r.stop:
+                        break
+                else:
+                    raise DataError(f"{url} ends after {n} samples, the manifest lists {expected}: truncated")
+            except DataError as exc:
+                raise DataError(
+                    f"{exc}: rewrite the shards with `lejepa-pipeline shard --force` "
+                    f"(or delete {posixpath.dirname(url)} and shard again)"
+                ) from None
+
+
+def _spares(storage: Storage, order: list[ShardEntry], start: int, stop: int) -> Iterator[Sample]:
+    """The epoch's samples after [start, stop), wrapping around, read only when needed: they stand in for
+    undecodable images, so a worker's batches stay full. Raises when even they run out."""
+    total = sum(s.num_samples for s in order)
+    yield from _read_ranges(storage, _slice(order, stop, total) + _slice(order, 0, start))
+    raise DataError(
+        "too few decodable images in the split to fill a batch (see the warnings above): check that "
+        "this machine's Pillow decodes the dataset's image formats"
+    )
 
 
 def _slice(shards: list[ShardEntry], start: int, stop: int) -> list[ShardRange]:
@@ -93,7 +183,7 @@ def _slice(shards: list[ShardEntry], start: int, stop: int) -> list[ShardRange]:
     for s in shards:
         lo, hi = max(start, offset), min(stop, offset + s.num_samples)
         if lo < hi:
-            out.append(ShardRange(s.url, lo - offset, hi - offset))
+            out.append(ShardRange(s, lo - offset, hi - offset))
         offset += s.num_samples
     return out
 
@@ -144,14 +234,19 @@ class _TrainEpoch(IterableDataset):
         before = sum(len(range(w, s.steps_per_epoch, workers)) for w in range(worker))
         start = s.rank * s.steps_per_epoch * s.batch_size + before * s.batch_size
         order = s.shard_order(self.epoch)
-        raw = _read_ranges(s.storage, _slice(order, start, start + len(mine) * s.batch_size))
+        stop = start + len(mine) * s.batch_size
+        raw = _read_ranges(s.storage, _slice(order, start, stop))
         rng = random.Random(_seed(s.seed, self.epoch, s.rank, worker))
         samples = _shuffled(raw, s.shuffle_buffer, rng) if s.shuffle_buffer > 1 else raw
+        # A batch skips undecodable images and takes the next samples, so a worker may read a few past its
+        # run. The resume skip below does not decode: after a skipped image, a resumed epoch is shifted by
+        # one sample from the uninterrupted one (its batches stay full and fixed by the same numbers).
+        samples = itertools.chain(samples, _spares(s.storage, order, start, stop))
         skip = len(range(worker, self.first_batch, workers))
         for _ in range(skip * s.batch_size):
             next(samples)
         for batch_index in mine[skip:]:
-            images, labels = _collate([next(samples) for _ in range(s.batch_size)], s.manifest.image)
+            images, labels = _collate(samples, s.manifest.image, s.batch_size)
             if s.transform is not None:
                 with torch.no_grad():
                     images = s.transform(images, batch_generator(s.seed, self.epoch, s.rank, batch_index))
@@ -262,15 +357,11 @@ class _EvalSplit(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         slot = self.first_slot + (info.id if info else 0)
-        mine = [ShardRange(s.url, 0, s.num_samples) for s in self.shards[slot :: self.slots]]
-        batch: list[dict[str, bytes]] = []
-        for sample in _read_ranges(self.storage, mine):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield _collate(batch, self.manifest.image)
-                batch = []
-        if batch:
-            yield _collate(batch, self.manifest.image)
+        mine = [ShardRange(s, 0, s.num_samples) for s in self.shards[slot :: self.slots]]
+        samples = _read_ranges(self.storage, mine)
+        # An undecodable image is dropped with its label, so features and labels stay aligned.
+        while (batch := _collate(samples, self.manifest.image, self.batch_size)) is not None:
+            yield batch
 
 
 def eval_loader(

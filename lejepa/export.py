@@ -7,6 +7,7 @@ Loading never unpickles anything, so a file from a bucket cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -17,10 +18,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lejepa.model import create_backbone
+from lejepa.sources import DataError
 from lejepa.storage import Storage
 from lejepa.views import eval_view
 
 WEIGHTS, DESCRIPTION, PROJECTOR = "encoder.safetensors", "encoder.json", "projector.safetensors"
+RELEASE = "release.json"
+"""A release folder's list of its files' sha256 (written by lejepa.publish, which imports this module)."""
 
 
 class FrozenEncoder(nn.Module):
@@ -103,21 +107,51 @@ def export_encoder(
     return f"{folder_url}/{DESCRIPTION}"
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_release(storage: Storage, folder: str, digests: dict[str, str]) -> None:
+    """Refuse files whose sha256 differs from the folder's release.json; a folder without one passes."""
+    if not storage.exists(f"{folder}/{RELEASE}"):
+        return
+    files = storage.read_json(f"{folder}/{RELEASE}")["files"]
+    for name, digest in digests.items():
+        if files.get(name, {}).get("sha256") != digest:
+            raise DataError(
+                f"{folder}/{name} does not match its sha256 in {RELEASE}: it was changed after publishing; "
+                "restore it or publish the run again"
+            )
+
+
 def load_encoder(
     url: str, storage: Storage | None = None, device: str | torch.device = "cpu"
 ) -> FrozenEncoder:
     """Load an exported encoder from its folder (or its `encoder.json`), local or remote, in eval mode.
 
     `storage` carries credentials for remote URLs; by default they come from the AWS environment.
+    From a release folder, the files it reads must match their sha256 in `release.json` (else DataError,
+    naming the file); a run folder has no release.json, and its files are not checksummed.
     """
     folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
     storage = storage.at(folder) if storage is not None else Storage(folder)
     try:
-        description = json.loads(storage.read_bytes(f"{folder}/{DESCRIPTION}"))
+        raw_description = storage.read_bytes(f"{folder}/{DESCRIPTION}")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no exported encoder at {folder}: expected {DESCRIPTION} from a finished run or a release"
         ) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / WEIGHTS
+        storage.get_file(f"{folder}/{WEIGHTS}", local)
+        digests = {DESCRIPTION: hashlib.sha256(raw_description).hexdigest(), WEIGHTS: _sha256_file(local)}
+        _check_release(storage, folder, digests)
+        state = load_file(str(local))
+    description = json.loads(raw_description)
     backbone = create_backbone(
         description["backbone"],
         in_chans=description["in_chans"],
@@ -125,10 +159,6 @@ def load_encoder(
         small_input=description["small_input"],
         **description["backbone_kwargs"],
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / WEIGHTS
-        storage.get_file(f"{folder}/{WEIGHTS}", local)
-        state = load_file(str(local))
     backbone.load_state_dict(state, strict=True)
     return FrozenEncoder(backbone, description).to(device)
 

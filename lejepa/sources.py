@@ -14,7 +14,6 @@ import hashlib
 import os
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,52 +263,68 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for members over 8 GiB
+def _tar_number(field: bytes) -> int | None:
+    """A header number: octal digits, or GNU base-256 for members over 8 GiB; None when it is neither."""
+    if field[0] == 0x80:
         return int.from_bytes(field[1:], "big")
-    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits or b"0", 8) if re.fullmatch(rb"[0-7]*", digits) else None
 
 
-def _tar_members(fileobj: Any) -> Iterator[tuple[str, bytes]]:
+def _tar_name(raw: bytes) -> str:
+    # Tar names are bytes: a name that is not UTF-8 keeps its bytes as surrogates instead of failing.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _tar_members(fileobj: Any, url: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of a tar stream, with GNU long names and pax paths.
 
-    A small reader instead of tarfile, whose per-member cost exceeds decoding a small PNG.
+    A small reader instead of tarfile, whose per-member cost exceeds decoding a small PNG. A damaged
+    header or a member cut short raises DataError naming `url` and the header's byte offset.
     """
-    long_name = None
+    long_name, offset = None, 0
+
+    def corrupt(what: str) -> DataError:
+        return DataError(f"{url}: corrupt tar at byte {offset}: {what}")
+
     while True:
         header = fileobj.read(512)
         if len(header) < 512 or header == bytes(512):
             if header and header != bytes(512):
-                raise tarfile.ReadError("truncated tar header")
+                raise corrupt(f"the file ends inside a header ({len(header)} of 512 bytes): truncated")
             return
-        checksum = sum(header[:148]) + 256 + sum(header[156:])
-        if checksum != _tar_number(header[148:156]):
-            raise tarfile.ReadError("bad tar header checksum")
+        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise corrupt("header checksum mismatch")
         size, kind = _tar_number(header[124:136]), header[156:157]
-        data = fileobj.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("truncated tar member")
-        fileobj.read(-size % 512)
+        if size is None:
+            raise corrupt(f"size field {header[124:136]!r} is not an octal number")
+        data, padding = fileobj.read(size), -size % 512
+        if len(data) < size or len(fileobj.read(padding)) < padding:
+            raise corrupt(f"a {size}-byte member runs past the end of the file: truncated")
+        offset += 512 + size + padding
         if kind == b"L":
-            long_name = data.rstrip(b"\0").decode()
+            long_name = _tar_name(data.rstrip(b"\0"))
         elif kind == b"x":
-            for record in data.decode().splitlines():
-                field = record.split(" ", 1)[-1]
-                if field.startswith("path="):
-                    long_name = field[5:]
+            for record in data.split(b"\n"):
+                field = record.split(b" ", 1)[-1]
+                if field.startswith(b"path="):
+                    long_name = _tar_name(field[5:])
         elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].rstrip(b"\0").decode()
-            prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+            name = _tar_name(header[:100].rstrip(b"\0"))
+            prefix = _tar_name(header[345:500].rstrip(b"\0")) if header[257:262] == b"ustar" else ""
             yield long_name or (f"{prefix}/{name}" if prefix else name), data
             long_name = None
         else:  # directories, links, global pax headers
             long_name = None
 
 
-def iter_tar_samples(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream, members grouped by consecutive key."""
+def iter_tar_samples(fileobj: Any, url: str = "tar stream") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a tar stream, members grouped by consecutive key.
+
+    `url` names the stream in the DataError a corrupt or truncated tar raises.
+    """
     key, sample = None, {}
-    for name, data in _tar_members(fileobj):
+    for name, data in _tar_members(fileobj, url):
         if posixpath.basename(name).startswith("__"):
             continue
         k, ext = _split_member(name)
@@ -359,8 +374,10 @@ class WebDatasetSource(Source):
         for tar_url in self._tars:
             try:
                 with self.storage.open(tar_url, "rb") as f:
-                    for key, sample in iter_tar_samples(f):
-                        sid = f"{posixpath.basename(tar_url)}:{key}"
+                    for key, sample in iter_tar_samples(f, tar_url):
+                        # The id goes into json and hashes: a non-UTF-8 key is written with \x escapes.
+                        printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                        sid = f"{posixpath.basename(tar_url)}:{printable}"
                         if image_member(sample) is None:
                             rejected.append(Rejection(sid, f"no image member (has {sorted(sample)})"))
                             continue
@@ -368,7 +385,7 @@ class WebDatasetSource(Source):
                             int(sample["cls"]) if "cls" in sample and sample["cls"].strip().isdigit() else -1
                         )
                         items.append(Item(sid, "train", label, (tar_url, key)))
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (DataError, OSError) as exc:
                 rejected.append(Rejection(tar_url, f"unreadable tar after {len(items)} samples: {exc}"))
         if self.limit is not None:
             items = items[: self.limit]
@@ -386,7 +403,7 @@ class WebDatasetSource(Source):
             found = 0
             try:
                 with self.storage.open(tar_url, "rb") as f:
-                    for key, sample in iter_tar_samples(f):
+                    for key, sample in iter_tar_samples(f, tar_url):
                         item = by_key.get(key)
                         if item is not None:
                             ext = image_member(sample)
@@ -394,7 +411,7 @@ class WebDatasetSource(Source):
                             found += 1
                             if found == len(by_key):
                                 break
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (DataError, OSError) as exc:
                 yield from ((i, exc) for i in list(by_key.values())[found:])
 
 
