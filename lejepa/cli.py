@@ -63,6 +63,15 @@ def print_summary(summary: Any) -> int:
     return 0
 
 
+def one_line(exc: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (the worker's whole traceback in
+    its message), the original exception's message only."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def run_stage(
     stage: Callable[[], Any], *user_errors: type[Exception], report: Callable[[Any], int] = print_summary
 ) -> int:
@@ -70,6 +79,6 @@ def run_stage(
     try:
         summary = stage()
     except (*USER_ERRORS, *user_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     return report(summary)

@@ -204,3 +204,16 @@ def test_release_file_changed_after_publishing_is_refused(tmp_path: Path, change
     run = Path(tmp_path, "store", "runs", "tiny", changed)
     run.write_bytes(path.read_bytes())
     assert load_encoder(str(run.parent))(images).shape == original.shape
+
+
+class _FailingDataset(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DataError("shard x.tar: corrupt: rewrite the shards")
+
+
+def test_an_error_raised_in_a_loader_worker_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from lejepa.cli import run_stage
+
+    loader = torch.utils.data.DataLoader(_FailingDataset(), batch_size=None, num_workers=1)
+    assert run_stage(lambda: list(loader)) == 2
+    assert capsys.readouterr().err == "error: shard x.tar: corrupt: rewrite the shards\n"
