@@ -34,7 +34,9 @@ def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int
 
     try:
         result = pipeline(config=cfg, force=args.force, continual=args.continual)
+        _stop_temporary_server()
     except Exception as exc:  # the failed stage's own error, already in the run's log
+        _stop_temporary_server()
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         if isinstance(exc, FLOW_USER_ERRORS):  # the user's to fix, as every stage command says it
             print(f"error: {first_line}", file=sys.stderr)
@@ -49,6 +51,16 @@ def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int
     )
     print(json.dumps(result, default=str))
     return 0
+
+
+def _stop_temporary_server() -> None:
+    """Stop Prefect's temporary API (started when no PREFECT_API_URL is set) now rather than at exit, so
+    its closing log line comes before ours and the last line is the result or the `error:` line."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=5)  # the run's last log lines go to the API while it still runs
+    SubprocessASGIServer().stop()  # the running singleton; a no-op when none was started
 
 
 def demo_cli(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -109,18 +111,18 @@ def test_whole_flow_completes_publishes_artifacts_then_reruns_from_cache(tmp_pat
     assert state.is_completed(), state.message
     result = state.result()
     assert set(result) == {"shard", "pretrain", "evaluate", "publish"}
-    assert result["shard"]["num_samples"] == {"train": 1617, "val": 180}
+    assert result["shard"]["num_samples"] == {"train": 1637, "val": 160}
     assert result["pretrain"]["steps"] == 4
     assert result["publish"]["promoted"] is True
     assert Path(result["publish"]["model_uri"], "release.json").is_file()
 
     runs = task_runs_of(state.state_details.flow_run_id)
-    assert sum(r.name.startswith("shard ") for r in runs) == 6  # 1617 train + 180 val images, 400 a shard
+    assert sum(r.name.startswith("shard ") for r in runs) == 6  # 1637 train + 160 val images, 400 a shard
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts() if a.key}
     assert {"shards-digits", "training-curves-flow", "metrics-flow", "release-flow"} <= set(artifacts)
     shards = json.loads(artifacts["shards-digits"].data)
-    assert {r["split"]: r["samples"] for r in shards} == {"train": 1617, "val": 180, "rejected": 0}
+    assert {r["split"]: r["samples"] for r in shards} == {"train": 1637, "val": 160, "rejected": 0}
     assert "| step |" in artifacts["training-curves-flow"].data
     assert json.loads(artifacts["metrics-flow"].data)[0]["model"] == "encoder"
     assert f"({Path(result['publish']['model_uri']).as_uri()})" in artifacts["release-flow"].data
@@ -241,7 +243,7 @@ def test_s3_endpoint_down_for_the_first_attempt_is_retried(bucket: str, aws_env:
         logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[failed_attempt.id])))
     assert any("cannot connect to S3 endpoint" in log.message and "Retry 1/20" in log.message for log in logs)
     summary = state.result()
-    assert summary["num_samples"] == {"train": 1617, "val": 180} and not summary["up_to_date"]
+    assert summary["num_samples"] == {"train": 1637, "val": 160} and not summary["up_to_date"]
 
 
 def test_killed_pretrain_attempt_is_retried_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
@@ -317,3 +319,24 @@ def test_run_command_exits_2_on_a_user_error_inside_the_flow(
     assert rc == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(missing) in last, last
+
+
+def test_the_last_line_of_a_failed_run_is_the_error(tmp_path: Path) -> None:
+    # As a user runs it: its own process and Prefect's temporary API, which used to log its shutdown last.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    missing = tmp_path / "no-such-folder"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "flows.cli", "run"),
+            *("--set", f"storage.root={tmp_path / 'store'}", "--set", "data.source=imagefolder"),
+            *("--set", f"data.path={missing}", "--set", "orchestration.shard.retries=0"),
+        ],
+        cwd=Path(__file__).parents[1],
+        env={**env, "PREFECT_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    last = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: ") and str(missing) in last, done.stdout[-3000:]
