@@ -22,7 +22,7 @@ NIGHTLY_CRON = "0 2 * * *"
 
 
 def default_parameters(cfg: PipelineConfig) -> dict[str, Any]:
-    """The config as a deployment's default parameters, without storage credentials.
+    """The config as a deployment's default parameters, without storage credentials or secret options.
 
     Deployments live in the Prefect database; credentials belong to the worker's environment (AWS_*).
     """

@@ -4,9 +4,14 @@ Every flow takes the typed `PipelineConfig` as its `config` parameter, so the UI
 option with its default and validates it, plus flags (`force`, `continual`). Flows only compose: the
 stages' work is in `lejepa/`, their retries, caching and artifacts in `tasks/stages.py`.
 
+The dataset is resolved once: after the shard stage (or from `data.manifest`, which skips it), the flow
+sets `data.manifest` to that manifest, so pretraining, every rank and evaluation read exactly it.
+
 Continual mode (recurring runs): shard groups are keyed by their own samples, so only what is new in the
 source is written; the run is named after the dataset version (a new dataset is a new run, the same one
-is cached); it warm-starts from the latest published model; and publish promotes only past the gate.
+is cached); it warm-starts from the latest published model; and publish promotes only past the gate,
+which compares top-1 with the latest release's only when both were scored on the same test set (a grown
+source usually adds test samples: then the release must clear `publish.min_top1` alone).
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ def shard_flow(
 
 @flow(name="lejepa-pretrain", log_prints=True)
 def pretrain_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
-    """Pretrain on the dataset already in storage (the latest of `data.name` when the source is absent)."""
-    return _pretrain(config, stages.stored_dataset(config), force)
+    """Pretrain on the dataset already in storage: `data.manifest`, else the source's own, else the latest
+    of `data.name`."""
+    dataset = stages.stored_dataset(config)
+    return _pretrain(with_manifest(config, dataset["manifest"]), dataset, force)
 
 
 @flow(name="lejepa-evaluate", log_prints=True)
@@ -90,13 +97,24 @@ def pipeline(
 
     force: redo every stage and promote past the gate. continual: the recurring mode (see module doc).
     """
-    dataset = shard_flow(config, force=force, continual=continual)
+    if config.data.manifest:
+        dataset = stages.stored_dataset(config)
+    else:
+        dataset = shard_flow(config, force=force, continual=continual)
+    config = with_manifest(config, dataset["manifest"])
     if continual:
         config = continual_config(config, dataset)
     trained = _pretrain(config, dataset, force)
     evaluated = _evaluate(config, trained, force)
     published = _publish(config, evaluated, force)
     return {"shard": dataset, "pretrain": trained, "evaluate": evaluated, "publish": published}
+
+
+def with_manifest(config: PipelineConfig, manifest: str) -> PipelineConfig:
+    """A copy of `config` whose `data.manifest` is `manifest`: every later stage and rank reads exactly it."""
+    config = config.model_copy(deep=True)
+    config.data.manifest = manifest
+    return config
 
 
 def continual_config(config: PipelineConfig, dataset: dict[str, Any]) -> PipelineConfig:

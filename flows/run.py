@@ -1,20 +1,45 @@
 """`lejepa-pipeline run` and `lejepa-pipeline demo`: the whole Prefect flow on this machine.
 
-No server is needed: without PREFECT_API_URL, Prefect starts its ephemeral API for the run. The last
-printed line is a JSON object holding each stage's summary under its name.
+No server is needed: without PREFECT_API_URL, Prefect starts its temporary API for the run. Its database
+lives under PREFECT_HOME, so the run's history stays there after the command ends, and
+`prefect server start` with the same PREFECT_HOME shows it in the UI.
+
+The console shows Prefect's line for each flow and task, training as one progress bar (on a terminal;
+the run's log in Prefect keeps every line the ranks print), and at the end a summary: top-1 of the
+encoder and its baselines, where the release, model card, figure and HTML report are, and the command
+that opens this run in the UI. The last printed line is a JSON object holding each stage's summary under
+its name.
+
+Prefect's telemetry is off for these runs unless it is set explicitly (environment, profile or
+prefect.toml): offline, the temporary server's telemetry printed tracebacks and ERROR lines although
+nothing had failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import posixpath
+import re
+import shutil
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 from lejepa.cli import USER_ERRORS, config_from, stage_parser
-from lejepa.config import ConfigError
+from lejepa.config import ConfigError, PipelineConfig
 from lejepa.launch import LaunchError
 from lejepa.lease import LeaseHeld
+from lejepa.publish import CARD
+from lejepa.report import HTML_REPORT, text_table
+from lejepa.storage import Storage
 
 FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError, LeaseHeld)
+ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
 
 
 def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int:
@@ -30,27 +55,105 @@ def cli(argv: list[str] | None = None, prog: str = "lejepa-pipeline run") -> int
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    telemetry_off = _turn_telemetry_off()
     from flows.pipeline import pipeline  # Prefect is slow to import: only for commands that need it
 
-    try:
-        result = pipeline(config=cfg, force=args.force, continual=args.continual)
-        _stop_temporary_server()
-    except Exception as exc:  # the failed stage's own error, already in the run's log
-        _stop_temporary_server()
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        if isinstance(exc, FLOW_USER_ERRORS):  # the user's to fix, as every stage command says it
-            print(f"error: {first_line}", file=sys.stderr)
-            return 2
-        print(f"error: {type(exc).__name__}: {first_line}", file=sys.stderr)
-        return 1
-    published, evaluated = result["publish"], result["evaluate"]
-    print(f"release: {published['model_uri']} ({published['reason']})")
-    print(
-        f"metrics: linear-probe top-1 {evaluated['linear_probe_top1']}, kNN top-1 {evaluated['knn_top1']}, "
-        f"baselines {evaluated['baselines']} ({evaluated['metrics']})"
-    )
+    with _console_view():
+        try:
+            state = pipeline(config=cfg, force=args.force, continual=args.continual, return_state=True)
+            result = state.result()  # a failed run raises its stage's own error here
+            _stop_temporary_server()
+        except Exception as exc:  # the failed stage's own error, already in the run's log
+            _stop_temporary_server()
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            if isinstance(exc, FLOW_USER_ERRORS):  # the user's to fix, as every stage command says it
+                print(f"error: {first_line}", file=sys.stderr)
+                return 2
+            print(f"error: {type(exc).__name__}: {first_line}", file=sys.stderr)
+            return 1
+    print(summary(cfg, result, state.state_details.flow_run_id, telemetry_off))
     print(json.dumps(result, default=str))
     return 0
+
+
+def _turn_telemetry_off() -> bool:
+    """Prefect's telemetry off, where nobody set it: the SDK's (DO_NOT_TRACK, read at import) and the
+    temporary server's (PREFECT_SERVER_ANALYTICS_ENABLED, which the server process inherits). Returns
+    whether the server's was turned off here."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from prefect.settings import get_current_settings
+
+    # model_fields_set holds what any source set: the environment, a profile, prefect.toml or pyproject.
+    if ANALYTICS in os.environ or "analytics_enabled" in get_current_settings().server.model_fields_set:
+        return False
+    os.environ[ANALYTICS] = "false"
+    return True
+
+
+class ConsoleView(logging.Filter):
+    """What Prefect's console handler shows of a run; the run's log in Prefect keeps every record.
+
+    The temporary server's start is one line, harmless warnings the ranks print on every CPU launch are
+    left out, and on a terminal the ranks' `[pretrain] step N/T ...` lines drive one progress bar.
+    """
+
+    STEP = re.compile(r"\[pretrain\] step (\d+)/(\d+)\s+loss (\S+)")
+    NOISE = (
+        "No CUDA runtime is found",  # torch's cpp_extension on a machine without CUDA
+        "deepspeed_shm_comm_op built successfully",  # DeepSpeed loading its CPU collectives
+    )
+
+    def __init__(self, progress_bar: bool) -> None:
+        super().__init__()
+        self.progress_bar = progress_bar
+        self.bar: Any = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Starting temporary server"):
+            record.msg, record.args = message.splitlines()[0], ()
+        if any(noise in message for noise in self.NOISE):
+            return False
+        step = self.STEP.search(message) if self.progress_bar else None
+        if step:
+            self._advance(int(step[1]), int(step[2]), step[3])
+            return False
+        if self.bar is not None:
+            self.bar.clear()  # the line prints where the bar was; the next step redraws it
+        return True
+
+    def _advance(self, step: int, total: int, loss: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.total != total or step < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc="pretrain", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(f"loss {loss}", refresh=False)
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def _console_view() -> Iterator[ConsoleView]:
+    """ConsoleView on Prefect's console handlers while the flow runs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    view = ConsoleView(progress_bar=sys.stderr.isatty())
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    for handler in handlers:
+        handler.addFilter(view)
+    try:
+        yield view
+    finally:
+        view.close()
+        for handler in handlers:
+            handler.removeFilter(view)
 
 
 def _stop_temporary_server() -> None:
@@ -63,6 +166,57 @@ def _stop_temporary_server() -> None:
     SubprocessASGIServer().stop()  # the running singleton; a no-op when none was started
 
 
+def summary(
+    cfg: PipelineConfig, result: dict[str, Any], flow_run_id: UUID | None, telemetry_off: bool
+) -> str:
+    """The end of a run for a person: top-1 of every model, where the outputs are, how to see the run."""
+    evaluated, published = result["evaluate"], result["publish"]
+    storage = Storage.from_config(cfg.storage)
+    metrics = storage.read_json(evaluated["metrics"])
+    report = f"{posixpath.dirname(evaluated['metrics'])}/{HTML_REPORT}"
+    places = {
+        "release": f"{published['model_uri']} ({published['reason']})",
+        "model card": f"{published['model_uri']}/{CARD}",
+        "figure": evaluated["figure"],
+        "report": report if storage.exists(report) else "none (evaluated before reports were written)",
+        "Prefect UI": ui_command(flow_run_id, telemetry_off),
+    }
+    return "\n".join(
+        ["", text_table(metrics), "", *(f"{name:<11} {value}" for name, value in places.items())]
+    )
+
+
+def ui_command(flow_run_id: UUID | None, telemetry_off: bool) -> str:
+    """How to open this flow run in Prefect's UI: its URL on the user's server, or the command that serves
+    the temporary API's database (under PREFECT_HOME) and then the URL."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    page = f"runs/flow-run/{flow_run_id}"
+    if settings.api.url:
+        return f"{settings.ui_url}/{page}"
+    prefect = Path(sys.executable).parent / "prefect"
+    on_path = shutil.which("prefect")
+    command = "prefect" if on_path and Path(on_path).resolve() == prefect.resolve() else str(prefect)
+    start = f"PREFECT_HOME={settings.home} {command} server start" + (
+        " --analytics-off" if telemetry_off else ""
+    )
+    return f"{start}, then open http://{settings.server.api.host}:{settings.server.api.port}/{page}"
+
+
+# The demo is the tuned CPU profile on a clock: pretraining stops after DEMO_SECONDS of steps, whatever the
+# machine's speed, so the whole demo (install included) ends in about ten minutes on 2 cores.
+DEMO_PROFILE = Path(__file__).resolve().parents[1] / "infra" / "cpu.yaml"
+DEMO_SECONDS = 240
+DEMO_SETTINGS = ["pretrain.run_name=demo", f"pretrain.time_budget_s={DEMO_SECONDS}", "pretrain.epochs=20"]
+
+
 def demo_cli(argv: list[str] | None = None) -> int:
-    """The whole flow on the defaults: local storage, Fashion-MNIST, CPU, 2 local processes."""
-    return cli(argv, prog="lejepa-pipeline demo")
+    """The whole flow on Fashion-MNIST with infra/cpu.yaml, local storage, the CPU, a 4-minute pretraining."""
+    if not DEMO_PROFILE.is_file():
+        print(
+            f"error: the demo reads {DEMO_PROFILE}: run it from a checkout of the repository", file=sys.stderr
+        )
+        return 2
+    settings = [arg for setting in DEMO_SETTINGS for arg in ("--set", setting)]
+    return cli(["--config", str(DEMO_PROFILE), *settings, *(argv or [])], prog="lejepa-pipeline demo")

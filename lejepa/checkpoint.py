@@ -6,19 +6,44 @@ A crash while saving leaves `latest.json` on the previous checkpoint, so a resta
 
 DeepSpeed reads and writes local files, so for remote roots (s3://) each node saves into a local staging
 folder and its first rank uploads it; resuming downloads the tag before loading.
+
+Nothing read from the store runs as code: DeepSpeed unpickles checkpoint files with
+`torch.load(weights_only=False)`, which would let whoever can write to the store run code on every rank.
+Resuming reads them with `weights_only=True` instead: tensors, plain data and the few DeepSpeed types in
+`_deepspeed_types`, nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lejepa.storage import Storage
 
 LATEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint resuming cannot or will not load; deleting the run's checkpoints restarts the run."""
+
+
+def _deepspeed_types() -> list[type]:
+    """The non-builtin types in DeepSpeed's checkpoints (ZeRO 0, 2 and 3, fp32 and bf16), as saved by 0.19."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # LossScaler: the (static, 1.0) loss scale of the ZeRO optimizers' state; ZeroStageEnum: the stage that
+    # wrote their state; fragment_address: where each parameter lies in a ZeRO-2 partition (numel, start).
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _local_rank() -> int:
@@ -82,12 +107,43 @@ class CheckpointStore:
                 (target / relative).parent.mkdir(parents=True, exist_ok=True)
                 self.storage.get_file(url, target / relative)
         _barrier()
-        _, client_state = engine.load_checkpoint(str(self.local_dir), tag=tag)
+        if engine.load_universal_checkpoint():  # DeepSpeed reads those with pickle, past the hook below
+            raise CheckpointError(
+                "pretrain.deepspeed_config sets checkpoint.load_universal, which DeepSpeed loads with "
+                "pickle: remove it"
+            )
+        with self._weights_only(engine):
+            _, client_state = engine.load_checkpoint(str(self.local_dir), tag=tag)
         if client_state is None:
-            raise RuntimeError(
-                f"checkpoint {self.url}/{tag} could not be loaded: delete the run folder to restart"
+            raise CheckpointError(
+                f"checkpoint {self.url}/{tag} could not be loaded: delete {self.url} to restart the run"
             )
         return client_state
+
+    @contextlib.contextmanager
+    def _weights_only(self, engine: Any) -> Iterator[None]:
+        # DeepSpeed reads every file of a checkpoint through `engine.checkpoint_engine.load`: while resuming,
+        # that one method of this engine's instance is ours.
+        checkpoint_engine = engine.checkpoint_engine
+        checkpoint_engine.load = self._load_file
+        try:
+            yield
+        finally:
+            del checkpoint_engine.load
+
+    def _load_file(self, path: str, map_location: Any = None) -> Any:
+        """torch.load that builds tensors, plain data and the DeepSpeed types allowed, and nothing else."""
+        try:
+            with torch.serialization.safe_globals(_deepspeed_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = found.group(1) if found else str(exc).splitlines()[-1]
+            url = f"{self.url}/{os.path.relpath(path, self.local_dir)}"
+            raise CheckpointError(
+                f"checkpoint {url} holds objects that are not plain tensors and data ({what}): it was not "
+                f"written by this version of the pipeline; delete {self.url} to restart the run"
+            ) from None
 
     def _prune(self, keep_tags: set[str]) -> None:
         # Keep the newest `keep` tags (and whatever the marker moved from) so a crash mid-save still has one.

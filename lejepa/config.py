@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -116,6 +118,34 @@ class LossConfig(Section):
     t_max: float = Field(3.0, gt=0.0)
 
 
+CREDENTIAL_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+"""The `storage` fields that hold secrets: never written to files, parameters, artifacts or logs."""
+SECRET_NAME = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+"""What names a secret: an entry of storage.options (at any depth), or a variable forwarded to ranks."""
+MASK = "**********"
+"""How pydantic writes a SecretStr in JSON, and so how Prefect stores and shows one."""
+REDACTED = "**redacted**"
+"""What written configs (config.json, metrics.json, model cards) hold in place of a secret."""
+MASKS = (MASK, REDACTED)
+SECRETS_ENV = "LEJEPA_STORAGE_SECRETS"
+"""The variable in which the pretrain launcher hands its ranks the storage secrets (storage_secrets, as JSON),
+since the config file they read holds none. lejepa.storage fills what the config leaves blank from it."""
+
+
+def replace_secrets(options: dict[str, Any], replace: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of `options` with each entry named by SECRET_NAME (at any depth) set to replace(value), or
+    left out where that is None."""
+    copied: dict[str, Any] = {}
+    for key, value in options.items():
+        if SECRET_NAME.search(str(key)):
+            value = replace(value)
+        elif isinstance(value, dict):
+            value = replace_secrets(value, replace)
+        if value is not None:
+            copied[key] = value
+    return copied
+
+
 class StorageConfig(Section):
     root: str = "./lejepa-store"
     """Where every stage reads and writes: a local path, file://..., or s3://bucket/prefix."""
@@ -125,13 +155,34 @@ class StorageConfig(Section):
     """S3 region; None uses AWS_DEFAULT_REGION / the profile's region."""
     profile: str | None = None
     """AWS profile name from ~/.aws; None uses AWS_PROFILE or the default chain."""
-    access_key_id: str | None = None
-    """Explicit S3 credentials; None falls back to AWS_ACCESS_KEY_ID and the standard chain."""
+    access_key_id: SecretStr | None = None
+    """Explicit S3 credentials; None falls back to AWS_ACCESS_KEY_ID and the standard chain. The three
+    credentials are never shown: repr, JSON (Prefect parameters), logs and written files mask or omit them."""
     secret_access_key: SecretStr | None = None
-    """Never printed: repr, logs and manifests show it redacted."""
     session_token: SecretStr | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    """Extra fsspec storage options passed as-is (e.g. {"default_block_size": 8388608})."""
+    """Extra fsspec storage options passed as-is (e.g. {"default_block_size": 8388608}). Entries whose name
+    matches SECRET_NAME, at any depth (key, secret, client_kwargs.aws_secret_access_key, ...), are secrets
+    like the credentials: masked in JSON, left out of every written file."""
+
+    @field_validator(*CREDENTIAL_FIELDS, mode="before")
+    @classmethod
+    def _unmask_credential(cls, value: Any) -> Any:
+        # A mask read back (a stored Prefect parameter, a written config) means: not given here.
+        return None if isinstance(value, str) and value in MASKS else value
+
+    @field_validator("options")
+    @classmethod
+    def _unmask_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return replace_secrets(options, lambda value: None if value in MASKS else value)
+
+    @field_serializer("options", when_used="json")
+    def _mask_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return replace_secrets(options, lambda value: MASK)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, replace_secrets(value, lambda secret: MASK) if name == "options" else value
 
 
 class DataConfig(Section):
@@ -141,10 +192,16 @@ class DataConfig(Section):
     """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's)."""
     name: FolderName | None = None
     """Dataset name in the store ({root}/datasets/{name}/...); None uses the source's name."""
+    manifest: str | None = None
+    """The exact dataset every stage reads: the URL of a committed manifest.json. When set, nothing is
+    resolved again; when None, the pipeline and the pretrain stage resolve it once (the source's own dataset,
+    else the latest of `name`) and set it for every rank and later stage."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    """Seeded hold-out of the train split that becomes the `val` split."""
+    """Seeded hold-out of the train split that becomes the `val` split: a sample is in it when a hash of its
+    own id (seeded by split_seed) falls below this fraction, so its split never depends on other samples."""
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    """Seeded hold-out that becomes `test`, only for sources without a test split of their own."""
+    """Seeded hold-out that becomes `test` (the next hash interval after val_fraction), only for sources
+    without a test split of their own."""
     split_seed: int = 0
     """Seed of the hold-outs and of the sample order inside shards."""
     image_size: int | None = Field(None, gt=0)
@@ -188,12 +245,16 @@ class PretrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 turns clipping off."""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on CUDA, fp32 on the CPU. bf16 on a CPU with AVX512-BF16 or AMX runs a ConvNet step ~1.6x
-    faster (infra/cpu.yaml opts in); elsewhere it is emulated and slower. Master weights, the optimizer and
-    the loss stay float32."""
+    precision: Literal["auto", "native", "fp32", "bf16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on the CPU. native: bf16 also on a CPU with AVX512-BF16 or AMX, where the
+    tuned ResNet-10 step ran ~1.6x faster (infra/cpu.yaml and the demo use it); see lejepa.precision.
+    Master weights, the optimizer and the loss stay float32."""
     num_workers: int = Field(1, ge=0)
     """Data-loader worker processes per rank (decoding and the multi-crop views run there)."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Seconds of training steps (start-up, checkpoints and export aside). The step count is re-estimated
+    from the pace at every log line, and the learning-rate schedule follows it, so a run ends on time on a
+    slower or faster machine; max_steps or epochs is then an upper bound."""
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
     online_probe: bool = True
@@ -237,7 +298,8 @@ class LaunchConfig(Section):
     -o KEY=VALUE with a KEY of SSH_KEYS, -i, -F, -p, -l and -4/-6/-C/-q/-v (nothing that runs a command)."""
     env: list[str] = Field(default_factory=list)
     """Environment variables forwarded to remote hostfile ranks besides AWS_* and DS_ACCELERATOR; NAME or
-    PREFIX_*. They travel in a private .deepspeed_env file (DS_ENV_FILE) and are masked in all output."""
+    PREFIX_*. Those named like a secret (SECRET_NAME) travel in a file only the user can read, the others in
+    DeepSpeed's .deepspeed_env (see lejepa.launch); secret values are masked in all output."""
     partition: str | None = None
     """Slurm partition (sbatch --partition); None uses the cluster's default."""
     account: str | None = None
@@ -344,11 +406,10 @@ class EvaluateConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where feature extraction, the probes and the diagnostics run; auto is cuda when torch sees a GPU,
     else cpu. The features are the same numbers up to rounding, so the cache serves either device."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "native", "fp32", "bf16"] = "auto"
     """Arithmetic of the networks during feature extraction (the features are stored as float32 either
-    way); auto is bf16 on CUDA, fp32 on the CPU. bf16 autocast ran 2.6x faster on a CPU with AVX512-BF16
-    (infra/cpu.yaml opts in) and the linear probe scored the same; without AVX512-BF16 or AMX it is
-    emulated and slower."""
+    way), as for pretrain.precision: auto is bf16 on CUDA, fp32 on the CPU; native is bf16 also on a CPU
+    with AVX512-BF16 or AMX, where it ran 2.6x faster and the linear probe scored the same."""
     probe_epochs: int = Field(100, gt=0)
     """Linear-probe epochs over the cached features (100 x 54k x 256 takes ~15-30 s on 2 cores). Fewer
     underfit: on a Fashion-MNIST encoder 30 epochs at lr 2e-3 scored 85.4% where 100 at 1e-2 reached 87.3%."""
@@ -380,6 +441,10 @@ class PublishConfig(Section):
     min_top1: float = Field(0.0, ge=0.0, le=1.0)
     """Promotion gate: a release becomes `latest` only with a linear-probe top-1 at least this (and not
     below the current latest's); `--force` promotes regardless."""
+    beat_raw_pixels: bool = True
+    """Promotion also needs the encoder's linear-probe top-1 above the raw-pixel baseline measured in the
+    same run, the first release included: an encoder that pixels beat is not worth a release. The reason
+    records the comparison either way."""
 
 
 class StagePolicy(Section):
@@ -469,20 +534,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"invalid config: {field}: {first['msg']}") from None
 
 
-CREDENTIAL_FIELDS = ("access_key_id", "secret_access_key", "session_token")
-"""The `storage` fields that hold secrets: never written to files, parameters, artifacts or logs."""
-
-
-def blank_credentials(tree: dict[str, Any], placeholder: str | None = "**redacted**") -> dict[str, Any]:
-    """A copy of a config tree (as `model_dump(mode="json")` gives) with every set credential replaced."""
+def blank_credentials(tree: dict[str, Any], placeholder: str | None = REDACTED) -> dict[str, Any]:
+    """A copy of a config tree (as `model_dump(mode="json")` gives, or a written config.json) with every set
+    credential and every secret entry of storage.options replaced by `placeholder` (None: left out)."""
     tree = copy.deepcopy(tree)
     storage = tree.get("storage") or {}
     for key in CREDENTIAL_FIELDS:
         if storage.get(key) is not None:
             storage[key] = placeholder
+    if isinstance(storage.get("options"), dict):
+        storage["options"] = replace_secrets(storage["options"], lambda value: placeholder)
     return tree
 
 
 def redacted(cfg: PipelineConfig) -> dict[str, Any]:
     """The config as JSON-ready data with storage credentials blanked, for run folders and model cards."""
     return blank_credentials(cfg.model_dump(mode="json"))
+
+
+def storage_secrets(storage: StorageConfig) -> dict[str, Any]:
+    """The real values that `blank_credentials(..., placeholder=None)` leaves out of `storage`: the set
+    credentials, and the whole `options` when it holds a secret entry; {} when it has no secret."""
+    found: dict[str, Any] = {
+        key: value.get_secret_value() for key in CREDENTIAL_FIELDS if (value := getattr(storage, key))
+    }
+    if replace_secrets(storage.options, lambda value: None) != storage.options:
+        found["options"] = storage.options
+    return found

@@ -40,6 +40,7 @@ from lejepa.data import eval_loader
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS, FrozenEncoder, load_encoder
 from lejepa.loss import lejepa_loss
 from lejepa.model import Encoder, create_backbone
+from lejepa.precision import resolve_precision
 from lejepa.probes import (
     effective_rank,
     knn_classify,
@@ -48,7 +49,7 @@ from lejepa.probes import (
     standardised,
     top1,
 )
-from lejepa.report import FIGURE, REPORT, write_figure, write_report
+from lejepa.report import FIGURE, REPORT, write_figure, write_html_report, write_report
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
 from lejepa.storage import Storage
@@ -89,13 +90,6 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """fp32 or bf16: auto is bf16 on CUDA and fp32 on the CPU (most CPUs emulate bf16, which is slower)."""
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
 
 
 def on_device(
@@ -144,7 +138,8 @@ def extract_features(
     work without waiting for the device (a copy back per batch would); they are returned on the CPU.
     """
     parts: dict[str, list[Tensor]] = {name: [] for name in [*extractors, "labels"]}
-    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", file=sys.stderr) as bar:
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
+    with torch.no_grad(), bar:
         for images, labels in batches:
             for name, extract in extractors.items():
                 parts[name].append(extract(images))
@@ -411,12 +406,24 @@ def _read_history(storage: Storage, run_url: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
 
 
+def run_manifest(cfg: PipelineConfig, storage: Storage, run_url: str) -> str:
+    """The manifest to score on: `data.manifest` when set; else the one the run recorded that it trained on
+    (its summary.json), so a dataset sharded since never replaces it; else, for a run from before that record,
+    the one `locate_manifest` finds."""
+    summary_url = f"{run_url}/summary.json"
+    if not cfg.data.manifest and storage.exists(summary_url):
+        recorded = storage.read_json(summary_url).get("manifest")
+        if recorded:
+            return recorded
+    return locate_manifest(cfg, storage)
+
+
 def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     """Score the encoder of `{root}/runs/{pretrain.run_name}` and its baselines; write metrics and report."""
     e = cfg.evaluate
     started = time.perf_counter()
     device = resolve_device(e.device)  # before anything is read or written
-    precision = resolve_precision(e.precision, device)
+    precision = resolve_precision(e.precision, device.type)
     storage = Storage.from_config(cfg.storage)
     run_url = storage.url("runs", cfg.pretrain.run_name)
     if not storage.exists(f"{run_url}/{DESCRIPTION}"):
@@ -424,7 +431,8 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
             f"no exported encoder in {run_url}: run `lejepa-pipeline pretrain` with pretrain.run_name="
             f"{cfg.pretrain.run_name} first"
         )
-    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+    manifest_url = run_manifest(cfg, storage, run_url)
+    manifest = ShardManifest.load(storage, manifest_url)
     test_split = _test_split(cfg, manifest)
     splits = {"train": e.train_split, "test": test_split}
 
@@ -492,10 +500,16 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         "dataset": {
             "name": manifest.name,
             "version": manifest.version,
-            "manifest": manifest.url,
+            "manifest": manifest_url,
             "fingerprint": manifest.source.get("fingerprint"),
+            # A split's fingerprint names its samples: the publish gate compares top-1 on equal test sets.
             "splits": {
-                role: {"split": s, "num_samples": manifest.num_samples[s]} for role, s in splits.items()
+                role: {
+                    "split": s,
+                    "num_samples": manifest.num_samples[s],
+                    "fingerprint": manifest.splits[s].fingerprint,
+                }
+                for role, s in splits.items()
             },
             "num_classes": num_classes,
         },
@@ -525,6 +539,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         write_figure(history, metrics, Path(tmp) / FIGURE)
         storage.put_file(Path(tmp) / FIGURE, figure_url)
     storage.write_bytes(report_url, write_report(metrics, FIGURE).encode())
+    write_html_report(storage, run_url, metrics)
     storage.write_json(f"{run_url}/{METRICS}", metrics)
     return EvalSummary(
         metrics=f"{run_url}/{METRICS}",

@@ -6,19 +6,28 @@ stderr, names the rank and its error. Each mode runs what a person would type:
 
 - local, torchrun:   python -m torch.distributed.run --nproc_per_node N ... -m lejepa.train ARGS
 - local, deepspeed:  python -m deepspeed.launcher.runner --num_gpus N ... --module lejepa.train ARGS
-- hostfile:          python -m deepspeed.launcher.runner --hostfile H --launcher pdsh ... (one launch for all
-                     nodes over ssh), or with --no_ssh --node_rank R on every node (one agent per node)
+- hostfile:          python -m deepspeed.launcher.runner --hostfile H --launcher pdsh ... --module
+                     lejepa.launch ENV_FILE lejepa.train ARGS (one launch for all nodes over ssh), or with
+                     --no_ssh --node_rank R and --module lejepa.train ARGS on every node (one agent per node)
 - slurm:             sbatch --wait SCRIPT, whose `srun python -u -m lejepa.train ARGS` runs once per rank
 
 ARGS (`--config FILE --set key=value ...`) reach every rank unchanged, so FILE, this Python and this working
-directory must exist at the same paths on every node (a shared file system). Credentials stay environment
-variables: local ranks and Slurm jobs inherit them; remote hostfile ranks get AWS_*, DS_ACCELERATOR and
-`launch.env` through DeepSpeed's .deepspeed_env file. Their values are masked in everything we print.
+directory must exist at the same paths on every node (a shared file system). ARGS are on command lines that
+every user of a node can read (`ps`), so secrets never are: they stay environment variables. Local ranks,
+Slurm jobs and no_ssh agents inherit them. Ranks started over ssh get the forwarded variables (AWS_*,
+DS_ACCELERATOR, SECRETS_ENV and `launch.env`) in two parts, because DeepSpeed writes every variable of
+.deepspeed_env into the ssh command line: the plain ones through .deepspeed_env, the secret ones (SECRET_NAME)
+through ENV_FILE, a file only this user can read in the shared working directory. Each rank starts as
+`python -m lejepa.launch ENV_FILE PROGRAM ARGS`, adds ENV_FILE's variables to its environment and becomes
+PROGRAM (`exec_with_env_file`); the file is removed when the launch ends. Secret values are masked in
+everything we print.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -30,19 +39,24 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
-from lejepa.config import LaunchConfig, PipelineConfig
+from lejepa.config import SECRET_NAME, SECRETS_ENV, LaunchConfig, PipelineConfig
 from lejepa.with_parent import PARENT_ENV
 
 PROGRAM = "lejepa.train"
-FORWARDED_ENV = ("AWS_*", "DS_ACCELERATOR")
+RANK_ENTRY = "lejepa.launch"
+"""What ranks started over ssh run: `python -m lejepa.launch ENV_FILE PROGRAM ARGS` (exec_with_env_file)."""
+FORWARDED_ENV = ("AWS_*", "DS_ACCELERATOR", SECRETS_ENV)
+# DeepSpeed's runner also puts these variables of its own environment on the ssh command line.
+DEEPSPEED_EXPORTS = ("MLFLOW*", "PYTHON*", "MV2*", "UCX*", "NCCL*")
 # DeepSpeed puts .deepspeed_env values in double quotes in a remote shell command: these would be expanded.
 _UNSAFE_ENV_VALUE = re.compile(r'["$`\\\n]')
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|_KEY", re.IGNORECASE)
 _TRACEBACK = "Traceback (most recent call last):"
 _FIRST_SLURM_NODE = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
 # sbatch splits a directive at blanks and reads double quotes, backslashes and '#' its own way (single quotes
@@ -70,29 +84,38 @@ def launch(
 ) -> int:
     """Run `program` (a module name, or a path ending in .py) on every rank; return the exit status.
 
-    `env` adds variables to the ranks' environment (e.g. AWS_* credentials, so no file holds them); they
-    are masked in the output like the rest. With dry_run the launcher command (slurm: the sbatch script)
-    is printed and nothing runs.
+    `env` adds variables to the ranks' environment (e.g. SECRETS_ENV, so no file or command line holds the
+    storage secrets); secret values are masked in the output. `program_args` must hold no secret: it is on
+    every rank's command line. With dry_run the launcher command (slurm: the sbatch script) is printed and
+    nothing runs.
     """
     lc = cfg.launch
     env = {**os.environ, **(env or {})}
+    secrets = _secret_values(env)
     if lc.mode == "slurm":
         return _launch_slurm(lc, program, program_args, dry_run=dry_run, env=env)
     if _accelerator(lc) == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
-    with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp, contextlib.ExitStack() as cleanup:
         if lc.mode == "local":
             argv = local_command(lc, program, program_args, log_dir=Path(tmp) / "logs")
             env.update(RANK_PREFIX_ENV)
             if _accelerator(lc) == "cpu":
                 # torchrun would give every rank one thread; share the cores out instead.
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_nproc(lc))))
-        else:
+        elif lc.no_ssh:
             argv = hostfile_command(lc, program, program_args)
-            if not lc.no_ssh and not dry_run:
+        else:
+            rank_env = Path.cwd() / f".lejepa-rank-env-{uuid.uuid4().hex}.json"
+            argv = hostfile_command(lc, RANK_ENTRY, [str(rank_env), program, *program_args])
+            if not dry_run:
                 _check_hostfile_backend(lc)
                 env_file = Path(tmp) / ".deepspeed_env"
-                _write_deepspeed_env(env_file, env, lc.env)
+                secret_env = _write_deepspeed_env(env_file, env, lc.env)
+                _write_private(rank_env, json.dumps(secret_env))
+                cleanup.callback(rank_env.unlink, missing_ok=True)
+                for name in secret_env:  # else DeepSpeed would export those of DEEPSPEED_EXPORTS itself
+                    env.pop(name, None)
                 # An absolute name makes DeepSpeed read this file instead of ~/.deepspeed_env and
                 # ./.deepspeed_env, whose lines it already holds.
                 env["DS_ENV_FILE"] = str(env_file)
@@ -102,7 +125,7 @@ def launch(
         print(f"launch: {shlex.join(argv)}", flush=True)
         if dry_run:
             return 0
-        rc, tail = _stream(argv, env, _secret_values(env))
+        rc, tail = _stream(argv, env, secrets)
     if rc != 0:
         print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
     return rc
@@ -254,7 +277,8 @@ def free_port() -> int:
 
 
 def forwarded_env(environ: Mapping[str, str], extra: list[str]) -> dict[str, str]:
-    """The variables remote ranks receive: AWS_*, DS_ACCELERATOR and the names or NAME_* patterns in extra."""
+    """The variables remote ranks receive: AWS_*, DS_ACCELERATOR, SECRETS_ENV and the names or NAME_* patterns
+    in extra."""
     patterns = [*FORWARDED_ENV, *extra]
     return {k: v for k, v in sorted(environ.items()) if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
@@ -396,12 +420,29 @@ def _emit(line: str, secrets: list[str], tail: deque[str]) -> None:
 
 
 def _secret_values(environ: Mapping[str, str]) -> list[str]:
-    # Short values would mask ordinary words; real keys and tokens are long.
-    return [v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+    """What to mask in printed output: the values of secret-named variables and the secrets inside
+    SECRETS_ENV, longest first. Short values would mask ordinary words; real keys and tokens are long."""
+    handed = json.loads(environ.get(SECRETS_ENV) or "{}")
+    values = {v for v in [*_secret_strings(environ), *_secret_strings(handed)] if len(v) >= 8}
+    return sorted(values, key=len, reverse=True)
 
 
-def _write_deepspeed_env(path: Path, environ: dict[str, str], extra: list[str]) -> None:
-    """Write DeepSpeed's KEY=VALUE env file (mode 0600): the user's own .deepspeed_env lines, then ours."""
+def _secret_strings(tree: object, secret: bool = False) -> Iterator[str]:
+    """The strings of a JSON-like tree that lie under a name matching SECRET_NAME (all of them if secret)."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _secret_strings(value, secret or bool(SECRET_NAME.search(str(key))))
+    elif isinstance(tree, str) and secret:
+        yield tree
+
+
+def _write_deepspeed_env(path: Path, environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+    """Write DeepSpeed's KEY=VALUE env file (mode 0600): the user's own .deepspeed_env lines, then ours.
+
+    DeepSpeed writes each of its lines, and each variable of DEEPSPEED_EXPORTS, into the ssh command line,
+    which any user of a node can read: those with a secret name (SECRET_NAME) are left out of the file and
+    returned, for the ranks' private ENV_FILE.
+    """
     name = environ.get("DS_ENV_FILE", ".deepspeed_env")
     lines: dict[str, str] = {}
     for base in (Path.home(), Path.cwd()):
@@ -411,16 +452,42 @@ def _write_deepspeed_env(path: Path, environ: dict[str, str], extra: list[str]) 
                 key, sep, value = raw.partition("=")
                 if sep and key.strip() and not key.lstrip().startswith("#"):
                     lines[key.strip()] = value
-    for key, value in forwarded_env(environ, extra).items():
-        if _UNSAFE_ENV_VALUE.search(value):
+    lines.update(forwarded := forwarded_env(environ, extra))
+    exported = forwarded_env(environ, list(DEEPSPEED_EXPORTS))
+    secret = {k: v for k, v in {**exported, **lines}.items() if SECRET_NAME.search(k)}
+    for key, value in forwarded.items():
+        if key not in secret and _UNSAFE_ENV_VALUE.search(value):
             raise LaunchError(
                 f"cannot forward ${key} to remote ranks: DeepSpeed's ssh launch would expand its "
                 'characters ("$`\\ or a newline); remove them or set it on the hosts themselves'
             )
-        lines[key] = value
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.writelines(f"{k}={v}\n" for k, v in lines.items())
+        f.writelines(f"{k}={v}\n" for k, v in lines.items() if k not in secret)
+    return secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create `path` readable by this user only (mode 0600), holding `text`; refuse to reuse a file."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+
+
+def exec_with_env_file(argv: list[str]) -> NoReturn:
+    """`python -m lejepa.launch ENV_FILE PROGRAM [ARGS...]`, a rank started over ssh: add the variables of the
+    private ENV_FILE (JSON, written by `launch`) to the environment, then become PROGRAM (a module name or a
+    path ending in .py) with ARGS. The secrets so reach the rank with no command line holding them."""
+    env_file, program, *args = argv
+    try:
+        info = os.stat(env_file)
+    except OSError as exc:
+        sys.exit(f"error: cannot read {env_file} ({exc.strerror}): every node needs this working directory")
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        sys.exit(f"error: {env_file} must belong to uid {os.getuid()} and have mode 0600: it holds secrets")
+    with open(env_file) as f:
+        env = {**os.environ, **json.load(f)}
+    command = [sys.executable, "-u", *(["-m", program] if _is_module(program) else [program]), *args]
+    os.execve(sys.executable, command, env)
 
 
 def _check_hostfile_backend(lc: LaunchConfig) -> None:
@@ -535,3 +602,7 @@ def _who(prefix: str) -> str:
     host_name = host.group(1) if host and not host.group(1).isdigit() else None
     who = f"rank {rank}" if rank is not None else "a rank"
     return f"{who} on {host_name}" if host_name else who
+
+
+if __name__ == "__main__":
+    exec_with_env_file(sys.argv[1:])

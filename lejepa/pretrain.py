@@ -8,24 +8,22 @@ again on the same `pretrain.run_name` resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lejepa.cli import config_from, forwarded, run_stage, stage_parser
-from lejepa.config import PipelineConfig, blank_credentials
+from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.config import SECRETS_ENV, PipelineConfig, blank_credentials, storage_secrets
 from lejepa.launch import LaunchError, launch
 from lejepa.lease import LeaseHeld, RunLease
+from lejepa.shard import locate_manifest
 from lejepa.storage import Storage
-
-CREDENTIAL_ENV = {
-    "access_key_id": "AWS_ACCESS_KEY_ID",
-    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
-    "session_token": "AWS_SESSION_TOKEN",
-}
 
 
 class PretrainFailed(RuntimeError):
@@ -40,39 +38,67 @@ def run_url(cfg: PipelineConfig) -> str:
 def launch_inputs(cfg: PipelineConfig, folder: Path) -> tuple[list[str], dict[str, str]]:
     """Write `cfg` for the ranks to `folder/config.yaml` and return (program_args, env).
 
-    Storage credentials are left out of the file (blank, so the ranks fall back to the AWS chain) and
-    returned as AWS_* variables instead, so nothing on disk holds them. `folder` must be readable by every
-    rank (for hostfile and Slurm launches: a shared file system).
+    The file holds no secret: the storage credentials and secret options are left out of it and returned in
+    env instead, as SECRETS_ENV (which lejepa.storage reads), so neither a file nor a command line holds
+    them. `folder` must be readable by every rank (for hostfile and Slurm launches: a shared file system).
     """
-    tree = blank_credentials(cfg.model_dump(mode="json"), placeholder=None)
-    env: dict[str, str] = {}
-    for key, name in CREDENTIAL_ENV.items():
-        value = getattr(cfg.storage, key)
-        if value is not None:
-            env[name] = value if isinstance(value, str) else value.get_secret_value()
     path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return ["--config", str(path)], env
+    path.write_text(yaml.safe_dump(blank_credentials(cfg.model_dump(mode="json"), None), sort_keys=False))
+    secrets = storage_secrets(cfg.storage)
+    return ["--config", str(path)], {SECRETS_ENV: json.dumps(secrets)} if secrets else {}
+
+
+@contextlib.contextmanager
+def launch_folder(cfg: PipelineConfig, dry_run: bool = False) -> Iterator[Path]:
+    """A private folder (mode 0700) for the ranks' config file, on the file system the ranks share.
+
+    It lies under the working directory and goes when the launch ends. A Slurm job submitted without waiting
+    starts later, so its folder stays, beside the job's script in `launch.slurm_dir`.
+    """
+    if cfg.launch.mode == "slurm" and not cfg.launch.wait and not dry_run:
+        slurm_dir = Path(cfg.launch.slurm_dir).absolute()
+        slurm_dir.mkdir(parents=True, exist_ok=True)
+        yield Path(tempfile.mkdtemp(prefix="lejepa-launch-", dir=slurm_dir))
+        return
+    with tempfile.TemporaryDirectory(prefix=".lejepa-launch-", dir=Path.cwd()) as tmp:
+        yield Path(tmp)
 
 
 def run_pretrain(
     cfg: PipelineConfig,
-    program_args: list[str],
+    program_args: list[str] | None = None,
     *,
     dry_run: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Launch training with `program_args` (the `--config/--set` every rank reads); returns its summary.
+    """Launch training on every rank; returns the run's summary.
 
-    `env` adds variables to every rank's environment (see `lejepa.launch.launch`).
+    The ranks read `cfg` from the file `launch_inputs` writes into a `launch_folder`, and its secrets from
+    their environment. `program_args` (`--config/--set`, read by every rank) replaces that file; it is on
+    every rank's command line, so it must hold no secret. `env` adds variables to every rank's environment
+    (see `lejepa.launch.launch`). Unless `data.manifest` is set, the dataset is resolved here, once, and
+    passed to every rank as `--set data.manifest=URL`, so no rank resolves it again (and none can find
+    another version of it).
     """
-    storage = Storage.from_config(cfg.storage)
-    if dry_run or (cfg.launch.mode == "slurm" and not cfg.launch.wait):
-        # A dry run trains nothing; a Slurm job submitted without waiting is Slurm's to supervise.
-        status = launch(cfg, program_args, dry_run=dry_run, env=env)
-    else:
-        with RunLease(storage, run_url(cfg)):
-            status = launch(cfg, program_args, env=env)
+    with contextlib.ExitStack() as stack:
+        if program_args is None:
+            folder = stack.enter_context(launch_folder(cfg, dry_run))
+            program_args, handed = launch_inputs(cfg, folder)
+            env = {**(env or {}), **handed}
+        storage = Storage.from_config(cfg.storage)
+        if not cfg.data.manifest and not dry_run:
+            manifest = json.dumps(locate_manifest(cfg, storage))
+            program_args = [*program_args, "--set", f"data.manifest={manifest}"]
+        lc = cfg.launch
+        if (
+            dry_run  # trains nothing
+            or (lc.mode == "slurm" and not lc.wait)  # a job submitted without waiting is Slurm's to watch
+            or (lc.mode == "hostfile" and lc.no_ssh and lc.node_rank != 0)  # node 0's launcher holds the run
+        ):
+            status = launch(cfg, program_args, dry_run=dry_run, env=env)
+        else:
+            with RunLease(storage, run_url(cfg)):
+                status = launch(cfg, program_args, env=env)
     if status != 0:
         raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
     if dry_run:
@@ -87,7 +113,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     return run_stage(
-        lambda: run_pretrain(config_from(args), forwarded(args), dry_run=args.dry_run) or None,
+        lambda: run_pretrain(config_from(args), dry_run=args.dry_run) or None,
         LaunchError,
         PretrainFailed,
         LeaseHeld,

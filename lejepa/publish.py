@@ -9,9 +9,16 @@ incomplete), then `{root}/models/{name}/latest.json`, the pointer readers follow
 the pointer moves leaves `latest` on the previous complete release.
 
 Promotion gate: the release becomes `latest` only if its linear-probe top-1 is at least
-`publish.min_top1` and not below the current latest's (`--force` skips the gate). A rejected release is
-kept, with `promoted: false` and the reason in its `release.json`. Unlabelled runs have no top-1, so they
-are promoted only with `--force`.
+`publish.min_top1`, above the raw-pixel baseline of the same run (`publish.beat_raw_pixels`, on by
+default, the first release included), and not below the current latest's (`--force` skips the gate).
+A rejected release is kept, with `promoted: false` and the reason in its `release.json`. Unlabelled runs
+have no top-1, so they are promoted only with `--force`.
+
+Top-1 is compared with the latest's only when both were scored on the same test set (the same test-split
+fingerprint, recorded by the evaluate stage). When the test sets differ, as they do whenever a recurring run
+adds data, the numbers are not comparable: the release is then promoted on `publish.min_top1` alone, and
+its reason says that it was not compared and why. Refusing instead would stop continual runs from ever
+promoting without `--force`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import re
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,7 @@ from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, blank_credentials, redacted
 from lejepa.evaluate import METRICS, sha256_of
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
-from lejepa.report import FIGURE, results_table
+from lejepa.report import FIGURE, results_table, write_html_report
 from lejepa.storage import Storage
 
 RELEASE, LATEST, CARD = "release.json", "latest.json", "README.md"
@@ -89,22 +96,54 @@ def verify_release(storage: Storage, model_uri: str) -> dict[str, Any]:
     return release
 
 
+def test_set_of(metrics: dict[str, Any]) -> str | None:
+    """The fingerprint of the test split that `metrics` (an evaluate stage's metrics.json) was scored on."""
+    return metrics["dataset"]["splits"].get("test", {}).get("fingerprint")
+
+
 def promotion_decision(
-    top1: float | None, min_top1: float, latest: dict[str, Any] | None, force: bool = False
+    top1: float | None,
+    min_top1: float,
+    latest: dict[str, Any] | None,
+    force: bool = False,
+    test_set: str | None = None,
+    raw_pixels: float | None = None,
 ) -> tuple[bool, str]:
-    """(promote?, why) for a release with linear-probe `top1` against the threshold and the current latest."""
+    """(promote?, why) for a release with linear-probe `top1`, scored on the test set with fingerprint
+    `test_set`, against the threshold, the raw-pixel baseline `raw_pixels` of the same run (None: not
+    required, or not measured) and the current latest (compared only when scored on the same test set).
+    """
     if force:
         return True, "forced (--force): promotion gate skipped"
     if top1 is None:
         return False, "no linear-probe top-1 (unlabelled data): promote it with --force"
     if top1 < min_top1:
         return False, f"linear-probe top-1 {top1:.4f} is below publish.min_top1 {min_top1:.4f}"
+    if raw_pixels is not None and top1 <= raw_pixels:
+        return False, (
+            f"linear-probe top-1 {top1:.4f} does not beat raw pixels ({raw_pixels:.4f}) in the same run: "
+            "train longer, or set publish.beat_raw_pixels=false"
+        )
+    pixels = f", > raw pixels {raw_pixels:.4f}" if raw_pixels is not None else ""
     if latest is None:
-        return True, f"first release; linear-probe top-1 {top1:.4f} >= min_top1 {min_top1:.4f}"
+        return True, f"first release; linear-probe top-1 {top1:.4f} >= min_top1 {min_top1:.4f}{pixels}"
     best = latest.get("linear_probe_top1")
+    theirs = latest.get("test_set")
+    if test_set is None or theirs is None or test_set != theirs:
+        why = (
+            f"it was scored on a different test set ({test_set} vs {theirs})"
+            if test_set and theirs
+            else f"{'the latest' if theirs is None else 'this run'} recorded no test-set fingerprint"
+        )
+        return True, (
+            f"linear-probe top-1 {top1:.4f} >= min_top1 {min_top1:.4f}{pixels}; not compared with latest "
+            f"{latest['version']} ({_fmt(best)}): {why}, so the numbers are not comparable"
+        )
     if best is not None and top1 < best:
         return False, f"linear-probe top-1 {top1:.4f} is worse than latest {latest['version']} ({best:.4f})"
-    return True, f"linear-probe top-1 {top1:.4f} >= latest {latest['version']} ({_fmt(best)}) and min_top1"
+    return True, (
+        f"linear-probe top-1 {top1:.4f} >= latest {latest['version']} ({_fmt(best)}) and min_top1{pixels}"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -153,7 +192,8 @@ def model_card(
             "## Data",
             "",
             f"Dataset `{d['name']}` version `{d['version']}` ({splits}).",
-            f"Manifest: `{d['manifest']}`; source fingerprint: `{d.get('fingerprint')}`.",
+            f"Manifest: `{d['manifest']}`; source fingerprint: `{d.get('fingerprint')}`; "
+            f"test-set fingerprint: `{test_set_of(metrics)}`.",
             f"Encoder weights sha256: `{metrics['encoder']['sha256']}`.",
             "",
             "## Training config",
@@ -193,7 +233,12 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
         version = f"{base}-{attempt}"
     latest = read_latest(storage, name)
     top1 = metrics.get("linear_probe_top1")
-    promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force)
+    test_set = test_set_of(metrics)
+    pixels = metrics.get("models", {}).get("raw_pixels", {}).get("linear_probe_top1")
+    raw_pixels = pixels if cfg.publish.beat_raw_pixels else None
+    promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force, test_set, raw_pixels)
+    # What the top-1 was measured on: the gate of the next release compares against it.
+    dataset = {"manifest": metrics["dataset"]["manifest"], "test_set": test_set}
 
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
     files: dict[str, dict[str, Any]] = {}
@@ -233,6 +278,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             "run": run_url,
             "linear_probe_top1": top1,
             "knn_top1": metrics.get("knn_top1"),
+            **dataset,
             "promoted": promoted,
             "reason": reason,
             "previous_latest": latest["version"] if latest else None,
@@ -242,9 +288,17 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
     if promoted:
         storage.write_json(
             storage.url("models", name, LATEST),
-            {"version": version, "model_uri": model_uri, "linear_probe_top1": top1, "updated": now},
+            {
+                "version": version,
+                "model_uri": model_uri,
+                "linear_probe_top1": top1,
+                **dataset,
+                "updated": now,
+            },
         )
-    return PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
+    summary = PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
+    write_html_report(storage, run_url, metrics, asdict(summary))  # the run's page now shows its release
+    return summary
 
 
 def cli(argv: list[str] | None = None) -> int:

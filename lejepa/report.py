@@ -1,12 +1,22 @@
-"""The evaluation's figure and Markdown report, from the training log and `metrics.json`.
+"""The evaluation's figure, its Markdown report and its HTML report, from the training log and `metrics.json`.
 
 The figure has three panels: the LeJEPA loss and its two parts over training steps, the online probe's
 accuracy over steps, and the evaluation's top-1 bars for our encoder beside its baselines. Matplotlib runs
 with the Agg backend (no display needed).
+
+`report.html` is the run in one self-contained page, to open from the run folder with any browser, offline:
+the results, the release once published, the figure (embedded as a PNG), the training curves (inline SVG),
+the dataset's shards, the protocol and the config (credentials redacted). It has inline CSS and no script,
+and loads nothing from anywhere.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +25,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
-FIGURE, REPORT = "evaluation.png", "evaluation.md"
+from lejepa.shard import ShardManifest  # noqa: E402
+from lejepa.storage import Storage  # noqa: E402
+
+FIGURE, REPORT, HTML_REPORT = "evaluation.png", "evaluation.md", "report.html"
+TRAINING_LOG = "metrics.jsonl"
+CURVES = ("loss", "prediction", "sigreg", "probe_acc", "lr")  # the training log's columns the reports show
 MODEL_NAMES = {
     "encoder": "LeJEPA encoder",
     "random_init": "random init (same architecture)",
@@ -73,7 +88,7 @@ def write_figure(history: list[dict[str, Any]], metrics: dict[str, Any], path: s
     plt.close(fig)
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
@@ -81,19 +96,75 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+RESULT_COLUMNS = (
+    "model",
+    "linear probe top-1",
+    "kNN top-1",
+    "RankMe",
+    "SIGReg (embeddings)",
+    "LeJEPA loss (held-out)",
+)
+
+
+def result_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row of formatted cells per model (see RESULT_COLUMNS): top-1 and the label-free diagnostics."""
+    return [
+        [
+            MODEL_NAMES.get(name, name),
+            percent(m.get("linear_probe_top1")),
+            percent(m.get("knn_top1")),
+            _number(m.get("rankme")),
+            _number(m.get("sigreg")),
+            _number(m.get("lejepa_loss")),
+        ]
+        for name, m in metrics["models"].items()
+    ]
+
+
 def results_table(metrics: dict[str, Any]) -> str:
     """Markdown table: one row per model, top-1 and diagnostics in columns."""
+    rows = ["| " + " | ".join(row) + " |" for row in (RESULT_COLUMNS, *result_rows(metrics))]
+    return "\n".join([rows[0], "|---" * len(RESULT_COLUMNS) + "|", *rows[1:]])
+
+
+def text_table(metrics: dict[str, Any]) -> str:
+    """Top-1 of every model as aligned plain text, for a terminal."""
+    rows = [list(RESULT_COLUMNS[:3]), *(row[:3] for row in result_rows(metrics))]
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{row[0]:<{width[0]}}  {row[1]:>{width[1]}}  {row[2]:>{width[2]}}".rstrip() for row in rows
+    )
+
+
+def sampled(log: Sequence[dict[str, Any]], points: int = 20) -> list[dict[str, Any]]:
+    """About `points` evenly spaced records of a training log, always ending with the last one."""
+    stride = max(1, len(log) // points)
+    return [*log[::stride], *([log[-1]] if (len(log) - 1) % stride else [])]
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """The values as one line of block characters (about 40), lowest to highest."""
+    bars = "▁▂▃▄▅▆▇█"
+    points = values[:: max(1, len(values) // 40)]
+    low, high = min(points), max(points)
+    span = (high - low) or 1.0
+    return "".join(bars[int((v - low) / span * (len(bars) - 1))] for v in points)
+
+
+def shard_rows(manifest: ShardManifest) -> list[dict[str, Any]]:
+    """Samples and shards per split of a dataset version, and how many samples sharding rejected."""
     rows = [
-        "| model | linear probe top-1 | kNN top-1 | RankMe | SIGReg (embeddings) | LeJEPA loss (held-out) |",
-        "|---|---|---|---|---|---|",
+        {"split": split, "samples": info.num_samples, "shards": info.num_shards}
+        for split, info in manifest.splits.items()
     ]
-    for name, m in metrics["models"].items():
-        rows.append(
-            f"| {MODEL_NAMES.get(name, name)} | {_percent(m.get('linear_probe_top1'))} | "
-            f"{_percent(m.get('knn_top1'))} | {_number(m.get('rankme'))} | {_number(m.get('sigreg'))} | "
-            f"{_number(m.get('lejepa_loss'))} |"
-        )
-    return "\n".join(rows)
+    return [*rows, {"split": "rejected", "samples": len(manifest.rejected), "shards": 0}]
+
+
+DIAGNOSTICS = (
+    "RankMe: effective rank of the test embeddings (max = embedding dimension); SIGReg: the Epps-Pulley"
+    " statistic of the raw embeddings (small = close to N(0, I)); LeJEPA loss: the training objective on"
+    " held-out images under the training views."
+)
 
 
 def write_report(metrics: dict[str, Any], figure: str) -> str:
@@ -115,10 +186,188 @@ def write_report(metrics: dict[str, Any], figure: str) -> str:
         "## Protocol",
         "",
         *[f"- {key.replace('_', ' ')}: {text}" for key, text in metrics["protocol"].items()],
-        "- RankMe: effective rank of the test embeddings (max = embedding dimension); SIGReg: the Epps-Pulley"
-        " statistic of the raw embeddings (small = close to N(0, I)); LeJEPA loss: the training objective on"
-        " held-out images under the training views.",
+        f"- {DIAGNOSTICS}",
     ]
     if metrics["notes"]:
         lines += ["", "## Notes", "", *[f"- {note}" for note in metrics["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+# -- the HTML report --------------------------------------------------------------------------------------
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #1d2330; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top: 1.8em; }
+code, pre { font: 13px ui-monospace, monospace; background: #f3f4f7; border-radius: 3px; }
+code { padding: 0 .25em; } pre { padding: .8em; overflow-x: auto; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { padding: .3em .8em; border-bottom: 1px solid #dde1e8; text-align: left; }
+th { background: #f3f4f7; font-weight: 600; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; } .muted { color: #667085; } .ok { color: #137333; } .no { color: #b3261e; }
+svg { display: block; } svg polyline { fill: none; stroke: #2f6fdf; stroke-width: 1.5; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table; every cell after the first is a number, aligned right."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{_e(c)}</td>" if i == 0 else f'<td class="n">{_e(c)}</td>' for i, c in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def link_url(uri: str) -> str:
+    """A URI a browser can follow: a local path becomes `file://...`; URLs stay as they are."""
+    return uri if "://" in uri else Path(uri).absolute().as_uri()
+
+
+def _curve_svg(values: Sequence[float], log_scale: bool, width: int = 320, height: int = 56) -> str:
+    """One series as an inline SVG line (about 400 points at most), lowest value at the bottom."""
+    points = list(values[:: max(1, len(values) // 400)])
+    ys = [math.log10(v) for v in points] if log_scale else points
+    low, high = min(ys), max(ys)
+    span = (high - low) or 1.0
+    step = (width - 4) / max(1, len(ys) - 1)
+    coords = " ".join(
+        f"{2 + i * step:.1f},{2 + (height - 4) * (1 - (y - low) / span):.1f}" for i, y in enumerate(ys)
+    )
+    return f'<svg width="{width}" height="{height}" role="img"><polyline points="{coords}"/></svg>'
+
+
+def _curves(history: Sequence[dict[str, Any]]) -> str:
+    columns = [c for c in CURVES if history and c in history[0]]
+    if not columns:
+        return '<p class="muted">No training log in the run folder.</p>'
+    rows = []
+    for column in columns:
+        values = [r[column] for r in history if r.get(column) is not None]
+        log_scale = min(values) > 0 and max(values) > 10 * min(values)
+        rows.append(
+            f"<tr><td>{_e(column)}{' <span class=muted>(log)</span>' if log_scale else ''}</td>"
+            f"<td>{_curve_svg(values, log_scale)}</td>"
+            + "".join(f'<td class="n">{v:.4g}</td>' for v in (values[0], values[-1], min(values)))
+            + "</tr>"
+        )
+    head = "".join(
+        f"<th>{h}</th>" for h in ("series", f"steps 1 to {history[-1]['step']}", "first", "last", "min")
+    )
+    steps = _table(
+        ["step", *columns], [[r["step"], *(f"{r[c]:.4g}" for c in columns)] for r in sampled(history)]
+    )
+    return (
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<details><summary>The log at about 20 evenly spaced steps</summary>{steps}</details>"
+    )
+
+
+def _release(release: dict[str, Any] | None) -> str:
+    if release is None:
+        return (
+            '<p class="muted">Not published yet: <code>lejepa-pipeline publish</code> releases this run '
+            "(the flow does it after evaluation).</p>"
+        )
+    verdict = (
+        '<span class="ok">promoted to latest</span>'
+        if release["promoted"]
+        else '<span class="no">not promoted</span>'
+    )
+    uri = release["model_uri"]
+    return (
+        f'<p>Release <a href="{_e(link_url(uri))}"><code>{_e(release["version"])}</code></a>: {verdict} '
+        f"({_e(release['reason'])}).<br><code>{_e(uri)}</code></p>"
+    )
+
+
+def html_report(
+    metrics: dict[str, Any],
+    history: Sequence[dict[str, Any]],
+    figure_png: bytes | None = None,
+    shards: Sequence[dict[str, Any]] | None = None,
+    release: dict[str, Any] | None = None,
+) -> str:
+    """The run as one self-contained HTML page (see the module doc). `metrics["config"]` must already be
+    redacted (lejepa.config.redacted): the page shows it as it is."""
+    d, encoder = metrics["dataset"], metrics["encoder"]
+    run_name = metrics["run"].rstrip("/").rsplit("/", 1)[-1]
+    description = encoder.get("description", {})
+    about = f"{description.get('backbone', 'encoder')} with {description.get('embed_dim', '?')}-d features"
+    splits = ", ".join(
+        f"{role} <code>{_e(s['split'])}</code> ({s['num_samples']} images)" for role, s in d["splits"].items()
+    )
+    trained = f"{history[-1]['step']} training steps, " if history else ""
+    figure = (
+        f'<img alt="training curves and evaluation" src="data:image/png;base64,'
+        f'{base64.b64encode(figure_png).decode()}">'
+        if figure_png
+        else '<p class="muted">No figure.</p>'
+    )
+    dataset = (
+        _table(["split", "images", "shards"], [[r["split"], r["samples"], r["shards"]] for r in shards])
+        if shards
+        else ""
+    )
+    notes = "".join(f"<li>{_e(n)}</li>" for n in metrics.get("notes", []))
+    protocol = "".join(f"<li>{_e(k.replace('_', ' '))}: {_e(v)}</li>" for k, v in metrics["protocol"].items())
+    config = json.dumps(metrics.get("config", {}), indent=2, sort_keys=True)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LeJEPA run {_e(run_name)}</title><style>{STYLE}</style></head>
+<body>
+<h1>LeJEPA run <code>{_e(run_name)}</code></h1>
+<p class="muted">{trained}{_e(about)}, weights sha256 <code>{_e(encoder["sha256"][:16])}</code>.
+Dataset <code>{_e(d["name"])}</code> version <code>{_e(d["version"])}</code>: {splits}.</p>
+
+<h2>Results on the test split</h2>
+{_table(RESULT_COLUMNS, result_rows(metrics))}
+
+<h2>Release</h2>
+{_release(release)}
+
+<h2>Training curves and evaluation</h2>
+{figure}
+{_curves(history)}
+
+<h2>Dataset</h2>
+<p>Manifest <code>{_e(d["manifest"])}</code>.</p>
+{dataset}
+
+<h2>Protocol</h2>
+<ul>{protocol}<li>{_e(DIAGNOSTICS)}</li></ul>
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+<h2>Configuration</h2>
+<details><summary>The run's config (storage credentials redacted)</summary><pre>{_e(config)}</pre></details>
+</body></html>
+"""
+
+
+def read_training_log(storage: Storage, run_url: str) -> list[dict[str, Any]]:
+    """The run's per-step training records (rank 0's `metrics.jsonl`); [] when it has none."""
+    url = f"{run_url}/{TRAINING_LOG}"
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
+
+
+def write_html_report(
+    storage: Storage, run_url: str, metrics: dict[str, Any], release: dict[str, Any] | None = None
+) -> str:
+    """Write `{run_url}/report.html` from `metrics` and what the run folder holds (the training log, the
+    figure, the dataset's manifest); `release` is the publish stage's summary once there is one. Returns
+    the report's URL."""
+    figure_url, manifest_url = f"{run_url}/{FIGURE}", metrics["dataset"]["manifest"]
+    figure = storage.read_bytes(figure_url) if storage.exists(figure_url) else None
+    shards = shard_rows(ShardManifest.load(storage, manifest_url)) if storage.exists(manifest_url) else None
+    url = f"{run_url}/{HTML_REPORT}"
+    page = html_report(metrics, read_training_log(storage, run_url), figure, shards, release)
+    storage.write_bytes(url, page.encode())
+    return url

@@ -8,6 +8,10 @@ The manifest is written last and is the commit point: readers only trust shards 
 crash never exposes a partial dataset. `version` derives from the source fingerprint and the sharding
 parameters, so running again on the same input finds the manifest and returns at once.
 
+A sample's split depends on its own id alone (`split_of`: a seeded hash below a threshold), so adding or
+removing files never moves another file between train, val and test. The manifest records a fingerprint of
+each split's samples, which tells the publish gate whether two models were scored on the same test set.
+
 The work is a deterministic partition of the samples into groups of `shard.samples_per_shard`: group i
 becomes one shard, written independently by `write_shard_group(plan, i)` (one Prefect task per group in
 the orchestrated pipeline; a local process pool here).
@@ -40,12 +44,14 @@ from pydantic import BaseModel
 
 import lejepa
 from lejepa.cli import config_from, run_stage, stage_parser
-from lejepa.config import PipelineConfig
+from lejepa.config import DataConfig, PipelineConfig
 from lejepa.sources import DataError, Item, Payload, Rejection, Source, open_source
 from lejepa.storage import TMP_PREFIX, Storage
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+# 2: a sample's split is a threshold on a seeded hash of its own id (1 cut the hash order at a count, so
+# adding files moved others across the boundaries); the version hash includes it.
+FORMAT_VERSION = 2
 # Fault injection for the crash-safety test: SIGKILL this process after N shards are written.
 CRASH_AFTER_ENV = "LEJEPA_SHARD_CRASH_AFTER"
 COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
@@ -90,6 +96,9 @@ class ImageStats(BaseModel):
 class SplitInfo(BaseModel):
     num_samples: int
     num_shards: int
+    fingerprint: str | None = None
+    """A hash of the split's sorted (id, label) pairs and the dataset's name: equal fingerprints, the same
+    samples (None in manifests written before format 2)."""
 
 
 class ShardManifest(BaseModel):
@@ -223,32 +232,42 @@ def _params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _rank(seed: int, item_id: str) -> bytes:
-    # A seeded hash of the sample's identity: the hold-outs stay put when other files come and go.
+    # A seeded hash of the sample's identity: it places the sample in a split and orders the shards.
     return hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+
+
+def split_of(item: Item, data: DataConfig, has_test: bool) -> str:
+    """The split of one sample, decided by its own id alone: its seeded hash as a number in [0, 1) is `val`
+    below val_fraction, then `test` below val_fraction + test_fraction (for sources without a test split of
+    their own), else `train`. Files that come and go never move another one across a boundary."""
+    if item.split == "test":
+        return "test"
+    position = int.from_bytes(_rank(data.split_seed, item.id)[:8], "big") / 2**64
+    if position < data.val_fraction:
+        return "val"
+    if not has_test and position < data.val_fraction + data.test_fraction:
+        return "test"
+    return "train"
 
 
 def _assign_splits(
     items: list[Item], cfg: PipelineConfig, sequential: bool
 ) -> dict[str, list[tuple[int, Item]]]:
     d = cfg.data
-    numbered = list(enumerate(items))
     has_test = any(it.split == "test" for it in items)
     out: dict[str, list[tuple[int, Item]]] = {s: [] for s in SPLITS}
-    out["test"] = [x for x in numbered if x[1].split == "test"]
-    train = sorted((x for x in numbered if x[1].split == "train"), key=lambda x: _rank(d.split_seed, x[1].id))
-    n_val = round(d.val_fraction * len(train))
-    n_test = 0 if has_test else round(d.test_fraction * len(train))
-    out["val"], out["test"], out["train"] = (
-        train[:n_val],
-        out["test"] or train[n_val : n_val + n_test],
-        train[n_val + n_test :],
-    )
-    for split, members in out.items():
-        if sequential:  # tar sources: keep the source order so each shard reads few input tars
-            members.sort(key=lambda x: x[0])
-        elif split == "test" and has_test:  # a native test split is shuffled like the rest
+    for number, item in enumerate(items):
+        out[split_of(item, d, has_test)].append((number, item))
+    if not sequential:  # tar sources keep the source order, so each shard reads few input tars
+        for members in out.values():
             members.sort(key=lambda x: _rank(d.split_seed, x[1].id))
     return {s: m for s, m in out.items() if m}
+
+
+def split_fingerprint(dataset: str, items: Sequence[Item]) -> str:
+    """What makes two splits the same: the dataset's name and its samples' sorted (id, label) pairs."""
+    blob = json.dumps([dataset, sorted([item.id, item.label] for item in items)]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _version(cfg: PipelineConfig, fingerprint: str) -> str:
@@ -302,10 +321,18 @@ def manifest_url_for(cfg: PipelineConfig, storage: Storage | None = None) -> str
 
 
 def locate_manifest(cfg: PipelineConfig, storage: Storage | None = None) -> str:
-    """The manifest a later stage should read: `cfg`'s exact dataset when its source is reachable here and
-    sharded, else the latest one committed under the dataset's name (training nodes may lack the source).
+    """The manifest a later stage should read: `data.manifest` when set (exactly that one, never resolved
+    again); else `cfg`'s exact dataset when its source is reachable here and sharded; else the latest one
+    committed under the dataset's name (training nodes may lack the source).
     """
     storage = storage or Storage.from_config(cfg.storage)
+    if cfg.data.manifest:
+        if not storage.exists(cfg.data.manifest):
+            raise DataError(
+                f"data.manifest: no shard manifest at {cfg.data.manifest}: set it to a committed "
+                "manifest.json, or unset it to use the dataset of the data section"
+            )
+        return cfg.data.manifest
     try:
         url = manifest_url_for(cfg, storage)
         if storage.exists(url):
@@ -651,11 +678,19 @@ def commit_manifest(
             f"{plan.source.kind}: no valid images in {cfg.data.path or plan.source.kind}"
             f", {len(rejected)} rejected{first}"
         )
+    rejected_ids = {r.id for r in rejected}
     splits = {}
     for split in SPLITS:
         mine = [s for s in shards if s.split == split]
         if mine:
-            splits[split] = SplitInfo(num_samples=sum(s.num_samples for s in mine), num_shards=len(mine))
+            members = [
+                it for g in plan.groups if g.split == split for _, it in g.items if it.id not in rejected_ids
+            ]
+            splits[split] = SplitInfo(
+                num_samples=sum(s.num_samples for s in mine),
+                num_shards=len(mine),
+                fingerprint=split_fingerprint(plan.name, members),
+            )
     manifest = ShardManifest(
         name=plan.name,
         version=plan.version,

@@ -1,9 +1,10 @@
 """One small storage layer for every stage: URLs in, fsspec underneath.
 
 Every path is a URL: a local path (`/data/store`, `./lejepa-store`), `file://...`, or `s3://bucket/prefix`
-(through s3fs). S3 credentials come from the config or, when it leaves them empty, from the standard AWS
-chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, and
-AWS_ENDPOINT_URL for S3-compatible stores such as MinIO. Secrets never appear in repr or error messages.
+(through s3fs). S3 credentials come from the config or, when it leaves them empty, from the secrets a
+launcher handed its rank (SECRETS_ENV), then from the standard AWS chain: AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, and AWS_ENDPOINT_URL for S3-compatible
+stores such as MinIO. Secrets never appear in repr or error messages.
 
 Writes are atomic from a reader's view: a local file is written to a hidden temporary name in the same
 directory and renamed; an S3 object is uploaded in one put, which S3 makes visible all at once.
@@ -17,6 +18,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typing import IO, Any
 
 import fsspec
 
-from lejepa.config import StorageConfig
+from lejepa.config import CREDENTIAL_FIELDS, SECRETS_ENV, StorageConfig, storage_secrets
 
 TMP_PREFIX = ".tmp-"
 
@@ -42,6 +44,26 @@ def _split_url(url: str) -> tuple[str, str]:
             return "file", os.path.abspath(rest)
         return protocol, rest.rstrip("/")
     return "file", os.path.abspath(os.path.expanduser(url))
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can write: created with mode 0700, refused if someone else could
+    have put files there (checkpoints are loaded from it)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"scratch folder {path} is not a folder: remove it, or set TMPDIR elsewhere")
+    if st.st_uid != os.getuid():
+        raise StorageError(
+            f"scratch folder {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
+            "remove it, or set TMPDIR to a folder of your own"
+        )
+    if st.st_mode & 0o022:
+        raise StorageError(
+            f"scratch folder {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+            "remove it (the next run makes it again, private)"
+        )
+    return path
 
 
 class Storage:
@@ -89,9 +111,13 @@ class Storage:
         return self._fs
 
     def _fs_kwargs(self) -> dict[str, Any]:
-        if self.protocol != "s3":
-            return dict(self.options.options)
         o = self.options
+        # A launched rank's config holds no secret: the launcher hands them over in SECRETS_ENV. The config's
+        # own secrets, where it has any, win.
+        secrets = {**json.loads(os.environ.get(SECRETS_ENV) or "{}"), **storage_secrets(o)}
+        options = secrets.get("options", o.options)
+        if self.protocol != "s3":
+            return dict(options)
         kwargs: dict[str, Any] = {"skip_instance_cache": True}
         if o.endpoint_url:
             kwargs["endpoint_url"] = o.endpoint_url
@@ -106,13 +132,10 @@ class Storage:
             kwargs["client_kwargs"] = {"region_name": o.region}
         if o.profile:
             kwargs["profile"] = o.profile
-        if o.access_key_id:
-            kwargs["key"] = o.access_key_id
-        if o.secret_access_key:
-            kwargs["secret"] = o.secret_access_key.get_secret_value()
-        if o.session_token:
-            kwargs["token"] = o.session_token.get_secret_value()
-        return {**kwargs, **o.options}
+        for field, kwarg in zip(CREDENTIAL_FIELDS, ("key", "secret", "token"), strict=True):
+            if secrets.get(field):
+                kwargs[kwarg] = secrets[field]
+        return {**kwargs, **options}
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -133,12 +156,15 @@ class Storage:
         """A local folder standing for `url`, for tools that only write local files (DeepSpeed, appends).
 
         On a local root it is the folder itself; on a remote one, a scratch folder named by the URL's hash,
-        the same for every process on this machine, whose files the caller uploads.
+        the same for every process of this user on this machine, whose files the caller uploads. It lies in
+        `lejepa-scratch-<uid>` under the system temp folder, private to the user: checkpoints are loaded
+        from it, so no one else may write there.
         """
         if self.protocol == "file":
             return Path(self._path(url))
         digest = hashlib.sha256(self._url(self._path(url)).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "lejepa-scratch" / digest
+        scratch = _private_dir(Path(tempfile.gettempdir()) / f"lejepa-scratch-{os.getuid()}")
+        return _private_dir(scratch / digest)
 
     def _url(self, path: str) -> str:
         return path if self.protocol == "file" else f"{self.protocol}://{path}"

@@ -4,7 +4,10 @@ Run one copy per rank (the launcher in `lejepa.launch` does that; `python -m lej
 alone is a one-process run). Each rank streams its share of the shards, makes the multi-crop views,
 and steps a DeepSpeed engine on the LeJEPA loss, whose SIGReg term is computed over the global batch.
 Restarting the same run resumes from its latest complete checkpoint: model, optimizer, scheduler, SIGReg
-step, online probe, RNG and data position.
+step, online probe, RNG and data position. It resumes only under what the checkpoint was trained with (the
+model, views and loss sections, the dataset manifest and what fixes the data order: seed, batch size, loader
+workers and number of ranks, as the run's config.json records them); anything else is refused, naming the
+field. Every rank reads the one manifest `data.manifest` names (the pretrain stage sets it).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lejepa.checkpoint import CheckpointStore
+from lejepa.checkpoint import CheckpointError, CheckpointStore
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, redacted
 from lejepa.data import TrainStream
 from lejepa.export import DESCRIPTION, encoder_description, export_encoder, warm_start
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder
+from lejepa.precision import describe, resolve_precision
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
 from lejepa.storage import Storage
@@ -45,6 +49,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as the latest."""
 
 
+class ResumeRefused(ConfigError):
+    """A run cannot resume under settings other than those its checkpoint was trained with."""
+
+
 @dataclass
 class TrainSummary:
     run_dir: str
@@ -52,6 +60,8 @@ class TrainSummary:
     encoder: str
     steps: int
     final_loss: float
+    manifest: str
+    """The dataset manifest every rank trained on."""
 
 
 class LeJEPAModel(nn.Module):
@@ -120,7 +130,7 @@ def _is_vit(backbone: str) -> bool:
 def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for this run; keys of `pretrain.deepspeed_config` (a file) override ours."""
     p = cfg.pretrain
-    bf16 = p.precision == "bf16" or (p.precision == "auto" and use_cuda)
+    bf16 = resolve_precision(p.precision, "cuda" if use_cuda else "cpu") == "bf16"
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": p.batch_size,
         "gradient_accumulation_steps": p.grad_accum,
@@ -154,17 +164,32 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float):
-    """LR multiplier: linear warm-up over the first steps, then a cosine down to `min_ratio`."""
+def warmup_cosine(step: int, total_steps: int, warmup_fraction: float, min_ratio: float) -> float:
+    """LR multiplier at `step`: linear warm-up over the first steps, then a cosine down to `min_ratio`."""
     warmup = max(1, int(total_steps * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return factor
+class StepBudget:
+    """How many steps the run takes: fixed, or under `pretrain.time_budget_s` re-estimated from the pace.
+
+    `update` gets the same numbers on every rank (the slowest rank's training seconds), so every rank
+    computes the same total, the same learning rate and stops at the same step.
+    """
+
+    def __init__(self, upper: int, seconds: float | None, step: int, trained_s: float) -> None:
+        self.total, self.upper, self.seconds = upper, upper, seconds
+        self.since_step, self.since_s = step, trained_s  # where this attempt's pace is measured from
+
+    def update(self, step: int, trained_s: float) -> None:
+        if self.seconds is None or step <= self.since_step:
+            return
+        pace = (trained_s - self.since_s) / (step - self.since_step)
+        remaining = max(0.0, self.seconds - trained_s)
+        self.total = min(self.upper, step + int(remaining / max(pace, 1e-9)))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -195,7 +220,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain ints, lists and tensors only: checkpoints load with weights_only=True, which refuses numpy arrays.
+    generator, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [generator, key.tolist(), pos, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -203,10 +234,64 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def agreed_manifest(cfg: PipelineConfig, storage: Storage) -> str:
+    """The manifest every rank trains on: `data.manifest`, which the pretrain stage sets (or what each rank
+    resolves when a rank program is started by hand); refused when the ranks do not all name the same one."""
+    url = locate_manifest(cfg, storage)
+    urls: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(urls, url)
+    if len(set(urls)) > 1:
+        other = next(rank for rank, u in enumerate(urls) if u != urls[0])
+        raise ConfigError(
+            f"data.manifest: the ranks read different datasets (rank 0: {urls[0]}, rank {other}: "
+            f"{urls[other]}): set data.manifest to one of them for every node"
+        )
+    return url
+
+
+RESUME_SECTIONS = ("model", "views", "loss")
+"""Config sections a checkpoint's weights and optimizer state were trained under."""
+DATA_ORDER = ("data.manifest", "seed", "pretrain.batch_size", "pretrain.num_workers", "world_size")
+"""What fixes each sample's place in the data order (a checkpoint's data position counts batches per rank
+and loader worker): resuming under other values would see some samples of the epoch twice and skip others."""
+_ABSENT = object()
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _ABSENT
+        tree = tree[key]
+    return tree
+
+
+def check_resume(run_url: str, stored: dict[str, Any], launched: dict[str, Any]) -> None:
+    """Refuse to resume run `run_url` when this launch's record (its config.json) differs from the stored one
+    in a field the checkpoint depends on: ResumeRefused, one line naming the field, both values and the fix.
+
+    A field one side lacks (added to or removed from the config since the run started) is not compared.
+    """
+    fields = [f"{section}.{key}" for section in RESUME_SECTIONS for key in stored.get(section) or {}]
+    for name in [*fields, *DATA_ORDER]:
+        old, new = _lookup(stored, name), _lookup(launched, name)
+        if old is _ABSENT or new is _ABSENT or old == new:
+            continue
+        if name == "world_size":
+            was, now = f"{old} ranks", f"{new}"
+            fix = f"the original launch.nproc_per_node (and number of nodes), {old} ranks in all"
+        else:
+            was, now = f"{name}={json.dumps(old)}", json.dumps(new)
+            fix = f"the original {name}={json.dumps(old)}"
+        raise ResumeRefused(
+            f"run {run_url} was checkpointed with {was}, this launch has {now}: resume it with {fix}, or "
+            "start a new run with another pretrain.run_name"
+        )
 
 
 class Progress:
@@ -246,6 +331,9 @@ class Progress:
                 f"data wait {100 * record['data_wait']:.1f}%",
             ]
             print("[pretrain] " + "  ".join(parts), flush=True)
+
+    def set_total(self, total: int) -> None:
+        self.total = self.bar.total = total
 
     def close(self) -> None:
         self.bar.close()
@@ -376,6 +464,14 @@ def _check_finite(records: list[dict[str, Any]], engine: Any, tag: str, progress
     )
 
 
+def _slowest(seconds: float, device: torch.device) -> float:
+    """The largest of every rank's `seconds`: the number all ranks then agree on."""
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
 def _weights_finite(engine: Any) -> bool:
     """Whether every rank's parameters (its ZeRO-3 partition, where parameters are partitioned) are finite."""
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
@@ -398,8 +494,16 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     np.random.seed(cfg.seed + rank)
 
     storage = Storage.from_config(cfg.storage)
-    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+    manifest_url = agreed_manifest(cfg, storage)
+    manifest = ShardManifest.load(storage, manifest_url)
     run_url = storage.url("runs", p.run_name)
+    checkpoints = CheckpointStore(storage, run_url)
+    # The run's config.json: the config with the manifest it resolved to, and the number of ranks.
+    record = {**redacted(cfg), "world_size": world}
+    record["data"]["manifest"] = manifest_url
+    config_url = f"{run_url}/config.json"
+    if checkpoints.latest() is not None and storage.exists(config_url):
+        check_resume(run_url, storage.read_json(config_url), record)
 
     views = MultiCropViews.from_config(
         cfg.views,
@@ -426,7 +530,8 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             f"pretrain.batch_size: {p.batch_size} x {world} ranks x {p.grad_accum} accumulation exceeds the "
             f"{manifest.num_samples['train']} training images: lower the batch size"
         )
-    total_steps = p.max_steps or max(1, int(p.epochs * micro_steps_per_epoch) // p.grad_accum)
+    upper_steps = p.max_steps or max(1, int(p.epochs * micro_steps_per_epoch) // p.grad_accum)
+    budget = StepBudget(upper_steps, p.time_budget_s, step=0, trained_s=0.0)  # replaced when resuming
 
     encoder = Encoder.from_config(cfg.model, in_chans=manifest.channels, img_size=views.global_size)
     if p.init_from:  # a resumed run's checkpoint, loaded below, replaces these weights
@@ -444,7 +549,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     scheduler = None
     if optimizer is not None and "scheduler" not in ds_config:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total_steps, p.warmup_fraction, p.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, budget.total, p.warmup_fraction, p.min_lr_ratio)
         )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -462,12 +567,12 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         else None
     )
     device_views = DeviceViews(views.to(device), stream) if cfg.views.on_device else None
-    checkpoints = CheckpointStore(storage, run_url)
     metrics = MetricsLog(storage, run_url)
     client_state = checkpoints.load(engine)
-    step = 0
+    step, trained_s = 0, 0.0
     if client_state is not None:
-        step = client_state["step"]
+        step, trained_s = client_state["step"], client_state.get("trained_s", 0.0)
+        budget.since_step, budget.since_s = step, trained_s
         stream.load_state_dict(client_state["data"])
         _set_rng_state(
             client_state["rng"][rank] if len(client_state["rng"]) == world else client_state["rng"][0]
@@ -476,10 +581,12 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             probe.load_state_dict(client_state["probe"])
     if rank == 0:
         metrics.restart_at(step)
-        storage.write_json(f"{run_url}/config.json", redacted(cfg))
+        storage.write_json(config_url, record)
         print(
             f"[pretrain] run {run_url}: {'resuming at step ' + str(step) if step else 'starting'}, "
-            f"{total_steps} steps, {world} rank(s), {manifest.num_samples['train']} training images",
+            f"{budget.total} steps{f' at most, {p.time_budget_s:g} s' if p.time_budget_s else ''}, "
+            f"{world} rank(s), {manifest.num_samples['train']} training images of "
+            f"{manifest_url}, precision {describe(p.precision, device.type)}",
             flush=True,
         )
 
@@ -491,6 +598,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
             "data": stream.state_dict(),
             "rng": rng,
             "probe": probe.state_dict() if probe else None,
+            "trained_s": trained_s,
         }
         tag = checkpoints.save(engine, step, state)
         if rank == 0:
@@ -498,33 +606,46 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         return tag
 
     batches = iter(stream)
-    progress = Progress(total_steps, step, p.log_every, enabled=rank == 0)
+    progress = Progress(budget.total, step, p.log_every, enabled=rank == 0)
     tag = checkpoints.latest()["tag"] if step else ""
     pending = PendingSteps(p.batch_size * p.grad_accum * world, with_probe=probe is not None)
     final_loss = float("nan")
-    while step < total_steps:
+    skipped = engine.skipped_steps
+    while step < budget.total:
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         stats, waited = train_step(engine, batches, p.grad_accum, device, dtype, probe, device_views)
         step += 1
-        pending.add(stats, step, stream.state_dict()["epoch"], lr, time.perf_counter() - started, waited)
-        commit = step % p.checkpoint_every == 0 or step == total_steps
-        if commit or step % p.log_every == 0:
+        elapsed = time.perf_counter() - started
+        trained_s += elapsed
+        pending.add(stats, step, stream.state_dict()["epoch"], lr, elapsed, waited)
+        if step % p.checkpoint_every == 0 or step % p.log_every == 0 or step >= budget.total:
             # The only wait for the device between steps: statistics come back every log_every steps, and
             # before a commit, so nothing non-finite is ever committed.
             records = pending.flush()
             final_loss = records[-1]["loss"]
             _check_finite(records, engine, tag, progress)
+            skipped, newly = engine.skipped_steps, engine.skipped_steps - skipped
+            if newly and rank == 0:  # DeepSpeed drops a step whose gradients are not finite, silently
+                print(
+                    f"warning: {newly} of the last {len(records)} steps were skipped: their gradients were "
+                    "not finite (try pretrain.precision=fp32 or a lower pretrain.lr)",
+                    flush=True,
+                )
+            if p.time_budget_s is not None:
+                trained_s = _slowest(trained_s, device)
+                budget.update(step, trained_s)
+                progress.set_total(budget.total)
             if rank == 0:
                 for record in records:
                     metrics.append(record)
                     progress.update(record)
-        if commit:
+        if step % p.checkpoint_every == 0 or step >= budget.total:
             tag = save_checkpoint()
     progress.close()
 
     encoder_url = _export(engine, encoder, cfg, manifest, views, storage, run_url, rank)
-    summary = TrainSummary(run_url, f"{checkpoints.url}/{tag}", encoder_url, step, final_loss)
+    summary = TrainSummary(run_url, f"{checkpoints.url}/{tag}", encoder_url, step, final_loss, manifest_url)
     if rank == 0:
         storage.write_json(f"{run_url}/summary.json", asdict(summary))
     dist.barrier()
@@ -572,7 +693,7 @@ def cli(argv: list[str] | None = None) -> int:
     die_with_parent(signal.SIGKILL)
     args = stage_parser("python -m lejepa.train", __doc__.splitlines()[0]).parse_args(argv)
     # Every rank runs this; only rank 0 prints the summary line.
-    return run_stage(lambda: _rank0_only(train(config_from(args))), TrainingDiverged)
+    return run_stage(lambda: _rank0_only(train(config_from(args))), TrainingDiverged, CheckpointError)
 
 
 def _rank0_only(summary: TrainSummary) -> TrainSummary | None:

@@ -6,8 +6,9 @@ the checkpoint or metrics it consumes), and its result is persisted under `{stor
 so a rerun after a failure skips every stage that already finished. Retries, retry delays and timeouts
 come from `orchestration.*` through `configured(...)`. Each task is a plain callable too: `task.fn(...)`.
 
-Secrets never leave the config object: summaries, artifacts and the ranks' config file hold no
-credentials (the ranks get them as AWS_* variables).
+Secrets never leave the config object: summaries, artifacts, parameters (whose JSON masks them) and the
+ranks' config file hold no credentials and no secret storage.options (the ranks get them through their
+environment, see lejepa.pretrain).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +29,17 @@ from prefect.filesystems import RemoteFileSystem
 
 from lejepa.config import PipelineConfig, StagePolicy
 from lejepa.evaluate import METRICS, run_evaluate, sha256_of
-from lejepa.pretrain import launch_inputs, run_pretrain, run_url
+from lejepa.pretrain import run_pretrain, run_url
 from lejepa.publish import run_publish
+from lejepa.report import (
+    CURVES,
+    HTML_REPORT,
+    link_url,
+    read_training_log,
+    sampled,
+    shard_rows,
+    sparkline,
+)
 from lejepa.shard import (
     GroupResult,
     ShardManifest,
@@ -64,7 +73,8 @@ def result_storage(cfg: PipelineConfig) -> Path | RemoteFileSystem:
     """Where task results (and so the cache) persist: `{storage.root}/prefect-results`.
 
     A local root is a plain folder. An S3 root needs a saved block; it holds only the endpoint and the
-    region, and the credentials come from the AWS environment chain, never from the Prefect database.
+    region, never a secret. The block returned writes through the store's own filesystem, with the config's
+    credentials and options; one loaded from the Prefect database elsewhere uses that machine's AWS chain.
     """
     storage = Storage.from_config(cfg.storage)
     url = storage.url(RESULTS_FOLDER)
@@ -77,6 +87,7 @@ def result_storage(cfg: PipelineConfig) -> Path | RemoteFileSystem:
         settings["client_kwargs"] = {"region_name": cfg.storage.region}
     block = RemoteFileSystem(basepath=url, settings=settings)
     block.save(f"lejepa-results-{fingerprint(url, settings)[:12]}", overwrite=True)
+    block._filesystem = storage.fs  # the block's fsspec cache: set, it is never built from settings
     return block
 
 
@@ -179,13 +190,8 @@ def up_to_date_summary(manifest: ShardManifest) -> dict:
 
 
 def shard_artifacts(manifest: ShardManifest, summary: ShardSummary) -> None:
-    rows = [
-        {"split": split, "samples": info.num_samples, "shards": info.num_shards}
-        for split, info in manifest.splits.items()
-    ]
-    rows.append({"split": "rejected", "samples": len(manifest.rejected), "shards": 0})
     create_table_artifact(
-        rows,
+        shard_rows(manifest),
         key=_artifact_key("shards", manifest.name),
         description=f"Dataset {manifest.name} {manifest.version}: {summary.manifest} "
         f"({summary.images_per_s} images/s)",
@@ -214,35 +220,28 @@ def pretrain(cfg: PipelineConfig, dataset: dict, key: str) -> dict:
 
     A retry relaunches the same `pretrain.run_name`, which resumes from its latest checkpoint.
     """
-    # The ranks read the config from a file: in the working directory, which multi-node launches share.
-    with tempfile.TemporaryDirectory(prefix=".lejepa-launch-", dir=Path.cwd()) as tmp:
-        program_args, env = launch_inputs(cfg, Path(tmp))
-        summary = run_pretrain(cfg, program_args, env=env)
+    summary = run_pretrain(cfg)
     training_curves_artifact(cfg, summary)
     return {**summary, "dataset": dataset["version"]}
 
 
 def training_curves_artifact(cfg: PipelineConfig, summary: dict) -> None:
     """The loss curves as a markdown table (about 20 evenly spaced steps) with a sparkline per column."""
-    storage = Storage.from_config(cfg.storage)
-    url = f"{run_url(cfg)}/metrics.jsonl"
-    if not storage.exists(url):
-        return
-    log = [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
+    log = read_training_log(Storage.from_config(cfg.storage), run_url(cfg))
     if not log:
         return
-    columns = [c for c in ("loss", "prediction", "sigreg", "probe_acc", "lr") if c in log[0]]
-    stride = max(1, len(log) // 20)
-    sampled = log[::stride] + ([log[-1]] if (len(log) - 1) % stride else [])
+    columns = [c for c in CURVES if c in log[0]]
     lines = [
         f"# Training curves of run `{cfg.pretrain.run_name}`",
         "",
-        *(f"- {c}: `{_sparkline([r[c] for r in log])}` ({log[0][c]:.4g} -> {log[-1][c]:.4g})"
-          for c in columns),
+        *(
+            f"- {c}: `{sparkline([r[c] for r in log])}` ({log[0][c]:.4g} -> {log[-1][c]:.4g})"
+            for c in columns
+        ),
         "",
         "| step | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
-        *(f"| {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |" for r in sampled),
+        *(f"| {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |" for r in sampled(log)),
         "",
         f"Checkpoint: `{summary.get('checkpoint')}`; encoder: `{summary.get('encoder')}`.",
     ]
@@ -251,14 +250,6 @@ def training_curves_artifact(cfg: PipelineConfig, summary: dict) -> None:
         key=_artifact_key("training-curves", cfg.pretrain.run_name),
         description=f"{summary.get('steps')} steps, final loss {summary.get('final_loss')}",
     )
-
-
-def _sparkline(values: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    points = values[:: max(1, len(values) // 40)]
-    low, high = min(points), max(points)
-    span = (high - low) or 1.0
-    return "".join(bars[int((v - low) / span * (len(bars) - 1))] for v in points)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------------
@@ -306,14 +297,22 @@ def publish_key(cfg: PipelineConfig, evaluated: dict, force: bool) -> str:
 
 @task(name="publish", log_prints=True, cache_key_fn=_key("publish"))
 def publish(cfg: PipelineConfig, evaluated: dict, force: bool, key: str) -> dict:
-    """Release the evaluated encoder; `latest` moves only through the gate (or with force)."""
+    """Release the evaluated encoder; `latest` moves only through the gate (or with force).
+
+    The run's report.html, which publishing rewrites with the release in it, is linked as an artifact.
+    """
     summary = asdict(run_publish(cfg, force=force))
-    uri = summary["model_uri"]
     create_link_artifact(
-        uri if "://" in uri else Path(uri).as_uri(),
+        link_url(summary["model_uri"]),
         link_text=f"{summary['version']} ({'promoted to latest' if summary['promoted'] else 'not promoted'})",
         key=_artifact_key("release", cfg.publish.name or cfg.pretrain.run_name),
         description=summary["reason"],
+    )
+    create_link_artifact(
+        link_url(Storage.from_config(cfg.storage).url("runs", cfg.pretrain.run_name, HTML_REPORT)),
+        link_text=f"{HTML_REPORT} of run {cfg.pretrain.run_name}",
+        key=_artifact_key("report", cfg.pretrain.run_name),
+        description="The run in one self-contained page: results, release, curves, dataset, config",
     )
     return summary
 

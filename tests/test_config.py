@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from lejepa import __version__
 from lejepa.config import ConfigError, load_config, redacted
 from lejepa.model import Encoder
-from lejepa.train import deepspeed_config
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
@@ -57,16 +56,7 @@ def test_shipped_profiles_are_valid():
     size = cpu.views.global_size
     assert encoder.backbone.forward_features(torch.zeros(2, 1, size, size)).shape == (2, 384, 3, 3)
     assert [len(stage) for stage in (encoder.backbone.layer1, encoder.backbone.layer4)] == [1, 1]
-    assert encoder.embed_dim == 384 and cpu.pretrain.precision == cpu.evaluate.precision == "bf16"
-
-
-def test_precision_auto_is_bf16_on_cuda_only():
-    def bf16(precision: str, use_cuda: bool) -> bool:
-        cfg = load_config(None, [f"pretrain.precision={precision}"])
-        return deepspeed_config(cfg, 1, use_cuda)["bf16"]["enabled"]
-
-    assert bf16("auto", use_cuda=True) and bf16("bf16", use_cuda=False)
-    assert not bf16("auto", use_cuda=False) and not bf16("fp32", use_cuda=True)
+    assert encoder.embed_dim == 384 and cpu.pretrain.precision == cpu.evaluate.precision == "native"
 
 
 def test_redacted_blanks_credentials():

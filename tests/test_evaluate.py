@@ -24,6 +24,7 @@ from lejepa.views import eval_view
 FAST = {
     "evaluate": {
         "device": "cpu",  # the same numbers on a machine with a GPU; tests/test_evaluate_cuda.py tests cuda
+        "precision": "fp32",  # the same on every CPU (auto is bf16 where the CPU has it natively)
         "probe_epochs": 20,
         "probe_batch_size": 256,
         "probe_lr": 1e-2,
@@ -107,7 +108,12 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
 
     run = Path(summary["metrics"]).parent
     metrics = json.loads(Path(summary["metrics"]).read_text())
-    assert metrics["dataset"]["splits"]["test"] == {"split": "test", "num_samples": 359}
+    manifest = ShardManifest.load(Storage(str(run.parents[1])), metrics["dataset"]["manifest"])
+    assert metrics["dataset"]["splits"]["test"] == {
+        "split": "test",
+        "num_samples": 387,
+        "fingerprint": manifest.splits["test"].fingerprint,
+    }
     assert metrics["linear_probe_top1"] == summary["linear_probe_top1"]
     for name in ("encoder", "random_init"):
         diagnostics = metrics["models"][name]
@@ -116,6 +122,8 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
     assert (run / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "evaluation.md").read_text()
     assert "raw pixels (logistic regression)" in report and "evaluation.png" in report
+    page = (run / "report.html").read_text()
+    assert f"{summary['linear_probe_top1'] * 100:.2f}%" in page
     assert len(list((run / "eval").glob("features-*.safetensors"))) == 2
 
 
@@ -123,8 +131,8 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
     "overrides",
     [
         [],
-        # without a GPU, auto is the CPU, and the first run's precision auto was fp32: the same features
-        ["evaluate.device=auto", "evaluate.precision=fp32"],
+        # without a GPU, auto is the CPU: the same features
+        ["evaluate.device=auto"],
     ],
 )
 def test_retry_reads_features_from_the_cache(
@@ -155,14 +163,10 @@ def test_features_key_of_explicit_precisions_is_unchanged() -> None:
     assert keys == {"fp32": "312be0eee8a80e5a", "bf16": "07cedf1415a14960"}
 
 
-def test_auto_device_and_precision() -> None:
+def test_auto_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert evaluate.resolve_device("cpu") == cpu
     assert evaluate.resolve_device("auto") == (cuda if torch.cuda.is_available() else cpu)
-    assert evaluate.resolve_precision("auto", cpu) == "fp32"
-    assert evaluate.resolve_precision("auto", cuda) == "bf16"
-    assert evaluate.resolve_precision("bf16", cpu) == "bf16"
-    assert evaluate.resolve_precision("fp32", cuda) == "fp32"
 
 
 def test_cuda_without_a_gpu_is_one_error_line_and_writes_nothing(

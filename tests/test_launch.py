@@ -36,6 +36,7 @@ from lejepa.launch import (
     slurm_script,
 )
 from lejepa.pretrain import cli
+from lejepa.shard import write_shards
 
 PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
 FAKE_SLURM = Path(__file__).parent / "programs" / "fake_slurm"
@@ -301,17 +302,17 @@ def test_deepspeed_env_file_forwards_defaults_and_extras(
     ]
     env_file = tmp_path / "out" / ".deepspeed_env"
     env_file.parent.mkdir()
-    _write_deepspeed_env(env_file, environ, ["WANDB_*"])
+    # DeepSpeed writes these lines into the ssh command line: the secret ones are returned instead.
+    assert _write_deepspeed_env(env_file, environ, ["WANDB_*"]) == {"AWS_SECRET_ACCESS_KEY": SECRET}
     assert env_file.read_text().splitlines() == [
         "NCCL_DEBUG=INFO",
         "AWS_REGION=us-east-1",
-        f"AWS_SECRET_ACCESS_KEY={SECRET}",
         "DS_ACCELERATOR=cpu",
         "WANDB_MODE=offline",
     ]
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    with pytest.raises(LaunchError, match=r"cannot forward \$AWS_SESSION_TOKEN") as failure:
-        _write_deepspeed_env(env_file, {"AWS_SESSION_TOKEN": "a$b-secretish"}, [])
+    with pytest.raises(LaunchError, match=r"cannot forward \$AWS_REGION") as failure:
+        _write_deepspeed_env(env_file, {"AWS_REGION": "a$b-region", "AWS_SESSION_TOKEN": "a$b`"}, [])
     assert "a$b" not in str(failure.value)
 
 
@@ -501,7 +502,8 @@ def test_hostfile_pdsh_launch_over_ssh_runs_both_hosts(
     rc = launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
     out, err = capsys.readouterr()
     assert rc == 0, err + out[-3000:]
-    # pdsh prefixes each line with its host; DS_ACCELERATOR and the secret crossed ssh via .deepspeed_env.
+    # pdsh prefixes each line with its host; DS_ACCELERATOR crossed ssh via .deepspeed_env, the secret via the
+    # ranks' private env file (lejepa.launch.exec_with_env_file).
     assert probe_lines(out) == [
         f"127.0.0.{r + 1}: probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}"
         for r in (0, 1)
@@ -590,7 +592,8 @@ def test_slurm_dry_run_prints_the_script_and_submits_nothing(
     assert rc == 0
     assert out.startswith("#!/bin/bash\n#SBATCH --job-name=lejepa-pretrain\n")
     assert "#SBATCH --partition=debug" in out
-    assert out.rstrip().endswith("-m lejepa.train --set launch.mode=slurm --set launch.partition=debug")
+    # The ranks read the config from a private launch folder, so no --set (nor a secret) is on their line.
+    assert re.search(rf"-m lejepa.train --config {tmp_path}/\.lejepa-launch-\w+/config\.yaml\n$", out)
     assert not (tmp_path / "submitted").exists() and not (tmp_path / "slurm").exists()
 
 
@@ -637,8 +640,9 @@ def test_slurm_submit_without_sbatch_fails_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    write_shards(load_config(None, ["data.source=digits"]), progress=False)  # the dataset is found first
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert cli(["--set", "launch.mode=slurm"]) == 2
+    assert cli(["--set", "launch.mode=slurm", "--set", "data.source=digits"]) == 2
     err = capsys.readouterr().err
     assert err == "error: launch.mode=slurm needs sbatch on PATH: run on a Slurm login node (or --dry-run)\n"
     assert not (tmp_path / "slurm").exists()

@@ -25,8 +25,6 @@ from lejepa.shard import write_shards
 from lejepa.storage import Storage
 from lejepa.with_parent import PARENT_ENV
 
-REPO = Path(__file__).parents[1]
-
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
     """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
@@ -116,19 +114,21 @@ def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_pa
     run = store / "runs" / "lease"
     marker = run / "checkpoints" / "latest.json"
 
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: marker.exists() and json.loads(marker.read_text())["step"] >= 2, "the first checkpoint")
     assert len(_processes_of_launcher(first.pid)) >= 3  # torchrun and two ranks
     first.send_signal(signal.SIGKILL)
     first.wait()
     wait_for(lambda: not _processes_of_launcher(first.pid), "the killed launcher's ranks to exit", timeout=30)
 
-    retry = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    retry = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lease = run / LEASE
     wait_for(
         lambda: lease.exists() and json.loads(lease.read_text())["pid"] == retry.pid, "the retry's lease"
     )
-    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert (
         second.stderr.strip().splitlines()[-1].startswith("error: run ")

@@ -23,9 +23,17 @@ SECRET = "do-not-leak-this-secret"
 
 
 def _evaluated_run(
-    tmp_path: Path, top1: float | None, seed: int, run: str = "tiny", root: str | None = None
+    tmp_path: Path,
+    top1: float | None,
+    seed: int,
+    run: str = "tiny",
+    root: str | None = None,
+    test_set: str = "test-set-1",
+    raw_pixels: float = 0.5,
+    *overrides: str,
 ) -> PipelineConfig:
-    """An exported resnet10t (untrained, `seed`) and a metrics.json claiming linear-probe `top1`."""
+    """An exported resnet10t (untrained, `seed`) and a metrics.json claiming linear-probe `top1`, measured
+    on the test split with fingerprint `test_set`."""
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -40,7 +48,7 @@ def _evaluated_run(
             }
         )
     )
-    cfg = load_config(config)
+    cfg = load_config(config, list(overrides))
     storage = Storage.from_config(cfg.storage)
     run_url = storage.url("runs", run)
     torch.manual_seed(seed)
@@ -62,11 +70,14 @@ def _evaluated_run(
                 "version": "v-test",
                 "manifest": "m.json",
                 "fingerprint": "f",
-                "splits": {"test": {"split": "test", "num_samples": 10}},
+                "splits": {"test": {"split": "test", "num_samples": 10, "fingerprint": test_set}},
             },
             "linear_probe_top1": top1,
             "knn_top1": top1,
-            "models": {"encoder": {"linear_probe_top1": top1}, "raw_pixels": {"linear_probe_top1": 0.5}},
+            "models": {
+                "encoder": {"linear_probe_top1": top1},
+                "raw_pixels": {"linear_probe_top1": raw_pixels},
+            },
             "protocol": {"linear_probe": "test"},
             "notes": [],
         },
@@ -155,3 +166,40 @@ def test_publish_to_s3_and_load_back(tmp_path: Path, bucket: str) -> None:
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     published = load_encoder(summary.model_uri, storage)(images)
     assert torch.equal(published, load_encoder(storage.url("runs", "tiny"), storage)(images))
+
+
+def test_gate_compares_top1_only_on_the_same_test_set(tmp_path: Path) -> None:
+    cfg = _evaluated_run(tmp_path, top1=0.9, seed=0, test_set="old-test-set")
+    first, storage = run_publish(cfg), _models(cfg)
+    latest = read_latest(storage, "fmnist")
+    assert latest["test_set"] == "old-test-set" and latest["manifest"] == "m.json"
+
+    # A lower number on another test set is not a regression: it cannot be compared, and the reason says so.
+    other = run_publish(_evaluated_run(tmp_path, top1=0.8, seed=1, test_set="new-test-set"))
+    assert other.promoted and "not compared with latest" in other.reason
+    assert "different test set (new-test-set vs old-test-set)" in other.reason
+    assert first.version in other.reason
+    release = verify_release(storage, other.model_uri)
+    assert release["test_set"] == "new-test-set" and release["manifest"] == "m.json"
+    assert "test-set fingerprint: `new-test-set`" in Path(other.model_uri, "README.md").read_text()
+
+    # On the same test set the numbers are compared again, and the worse one is refused.
+    worse = run_publish(_evaluated_run(tmp_path, top1=0.7, seed=2, test_set="new-test-set"))
+    assert not worse.promoted and "worse than latest" in worse.reason
+    # Below publish.min_top1 is refused whatever the test set.
+    below = run_publish(_evaluated_run(tmp_path, top1=0.4, seed=3, test_set="third-test-set"))
+    assert not below.promoted and "below publish.min_top1" in below.reason
+    assert read_latest(storage, "fmnist")["version"] == other.version
+
+
+def test_a_release_pixels_beat_is_not_promoted_not_even_the_first(tmp_path: Path) -> None:
+    weak = run_publish(_evaluated_run(tmp_path, 0.8, 0, "weak", None, "test-set-1", 0.85))
+    assert not weak.promoted and "does not beat raw pixels (0.8500)" in weak.reason
+    storage = Storage.from_config(load_config(None, [f"storage.root={tmp_path / 'store'}"]).storage)
+    assert read_latest(storage, "fmnist") is None
+    allowed = _evaluated_run(
+        tmp_path, 0.8, 1, "weak2", None, "test-set-1", 0.85, "publish.beat_raw_pixels=false"
+    )
+    assert run_publish(allowed).promoted
+    strong = run_publish(_evaluated_run(tmp_path, 0.9, 2, "strong", None, "test-set-1", 0.85))
+    assert strong.promoted and "> raw pixels 0.8500" in strong.reason

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def check_roundtrip(cfg, folder: Path) -> ShardManifest:
     assert summary.manifest == manifest_url_for(cfg) == latest_manifest_url(storage, "imagefolder")
     files = sorted(folder.rglob("*.png"))
     assert sum(summary.num_samples.values()) == len(files) == 120
-    assert summary.num_samples == {"train": 108, "val": 12}
+    assert summary.num_samples == {"train": 106, "val": 14}
     stored = stored_samples(storage, manifest)
     for f in files:
         rel = f.relative_to(folder).as_posix()
@@ -114,7 +115,7 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys):
     ]
     assert cli(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["up_to_date"] is False and first["num_samples"] == {"train": 270, "val": 30}
+    assert first["up_to_date"] is False and first["num_samples"] == {"train": 276, "val": 24}
     mtime = os.stat(first["manifest"]).st_mtime_ns
     assert cli(args) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -126,7 +127,7 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys):
     # A changed parameter is a new version beside the old one.
     assert cli([*args, "--set", "data.val_fraction=0.2"]) == 0
     fourth = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert fourth["manifest"] != first["manifest"] and fourth["num_samples"] == {"train": 240, "val": 60}
+    assert fourth["manifest"] != first["manifest"] and fourth["num_samples"] == {"train": 228, "val": 72}
 
 
 def test_killed_run_leaves_no_manifest_and_rerun_completes(tmp_path: Path):
@@ -171,8 +172,8 @@ def test_process_pool_and_fashion_mnist(tmp_path: Path, start_method: str):
         ],
     )
     summary = write_shards(cfg, progress=False)
-    # 200 train -> 20 val + 180 train; 200 test; 64 per shard.
-    assert summary.num_samples == {"train": 180, "val": 20, "test": 200} and summary.num_shards == 3 + 1 + 4
+    # 200 train -> 17 val + 183 train (each sample's own hash below 0.1); 200 test; 64 per shard.
+    assert summary.num_samples == {"train": 183, "val": 17, "test": 200} and summary.num_shards == 3 + 1 + 4
     storage = Storage.from_config(cfg.storage)
     manifest = ShardManifest.load(storage, summary.manifest)
     assert manifest.class_names[0] == "T-shirt/top" and manifest.image.size == (28, 28)
@@ -238,7 +239,7 @@ def test_webdataset_source_reshards(tmp_path: Path):
         data__name="resharded",
     )
     summary = write_shards(cfg, progress=False)
-    assert summary.num_samples == {"train": 30, "val": 10} and summary.num_shards == 5 + 2
+    assert summary.num_samples == {"train": 26, "val": 14} and summary.num_shards == 4 + 2
     storage = Storage(str(tmp_path / "b"))
     manifest = ShardManifest.load(storage, summary.manifest)
     assert [r.id for r in manifest.rejected] == ["extra.tar:orphan"]
@@ -343,3 +344,39 @@ def test_webdataset_source_reads_tarwriter_shards_and_survives_truncation(tmp_pa
     assert rejected.id.endswith("cut.tar") and "unreadable tar" in rejected.reason
     assert 10 < summary.num_samples["train"] < 20 and manifest.image.mode == "RGB"
     assert manifest.class_names == ["0", "1"]
+
+
+def splits_by_id(storage: Storage, manifest: ShardManifest) -> dict[str, str]:
+    """{source id: split} over every shard the manifest lists."""
+    out = {}
+    for shard in manifest.shards:
+        for _, sample in iter_tar_samples(io.BytesIO(storage.read_bytes(shard.url))):
+            out[json.loads(sample["json"])["id"]] = shard.split
+    return out
+
+
+def test_a_file_keeps_its_split_when_others_are_added(tmp_path: Path):
+    folder = make_imagefolder(tmp_path / "images", per_class=100, classes=3)
+    storage = Storage(str(tmp_path / "store"))
+    cfg = config(str(tmp_path / "store"), path=folder, data__test_fraction=0.1)
+    first = ShardManifest.load(storage, write_shards(cfg, progress=False).manifest)
+    before = splits_by_id(storage, first)
+    assert len(before) == 300 and set(before.values()) == {"train", "val", "test"}
+    assert first.format == 2 and first.params["format"] == 2
+
+    for n in range(300, 450):  # 150 more files, spread over the classes and sorting among the old ones
+        unique_image(n).save(folder / f"class_{n % 3}" / f"img_{n - 300:04d}b.png")
+    second = ShardManifest.load(storage, write_shards(cfg, progress=False).manifest)
+    after = splits_by_id(storage, second)
+    assert second.version != first.version and len(after) == 450
+    moved = {key: (split, after[key]) for key, split in before.items() if after[key] != split}
+    assert moved == {}
+    # The new files land in every split at about the configured rates, and the test set only grew.
+    added = Counter(after[key] for key in set(after) - set(before))
+    assert added["val"] > 0 and added["test"] > 0 and added["train"] > 100
+    assert first.splits["test"].fingerprint != second.splits["test"].fingerprint
+
+    # The same files sharded elsewhere give the same test-set fingerprint.
+    again = config(str(tmp_path / "again"), path=folder, data__test_fraction=0.1)
+    third = ShardManifest.load(Storage(str(tmp_path / "again")), write_shards(again, progress=False).manifest)
+    assert third.splits["test"].fingerprint == second.splits["test"].fingerprint

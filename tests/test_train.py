@@ -207,3 +207,20 @@ def test_online_probe_starts_equal_on_every_rank_and_skips_unlabelled_samples() 
     assert (loss, accuracy) == (0.0, 0.0) and torch.equal(first.head.weight, before)
     loss, accuracy = first.step(embeddings, torch.tensor([0, -1, 2, -1])).tolist()
     assert loss > 0 and accuracy in (0.0, 0.5, 1.0)  # over the two labelled samples only
+
+
+def test_time_budget_ends_the_run_and_its_schedule_on_time(tmp_path: Path, store: Path) -> None:
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        store,
+        "budget",
+        pretrain={"max_steps": 10_000, "time_budget_s": 15, "log_every": 2, "checkpoint_every": 1000},
+    )
+    summary = pretrain(config)
+    log = metrics(summary["run_dir"])
+    trained = sum(64 / r["images_per_s"] for r in log)  # 2 ranks x 32 images a step
+    assert summary["steps"] == len(log) < 10_000
+    assert 0.9 * 15 <= trained <= 2 * 15, f"trained {trained:.1f} s of a 15 s budget"
+    peak = max(r["lr"] for r in log)
+    assert log[-1]["lr"] < 0.25 * peak  # the cosine reached its end with the budget, not with max_steps
+    assert json.loads(Path(summary["checkpoint"], "..", "latest.json").read_text())["step"] == len(log)

@@ -1,0 +1,32 @@
+"""What `precision: auto` and `native` mean (lejepa.precision), for training and evaluation alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from lejepa import precision
+from lejepa.config import load_config
+from lejepa.train import deepspeed_config
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_native_picks_bf16_only_where_the_hardware_has_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    assert precision.resolve_precision("native", "cpu") == ("bf16" if native else "fp32")
+    assert precision.resolve_precision("native", "cuda") == "bf16"
+    assert precision.resolve_precision("auto", "cpu") == "fp32"  # whatever the CPU
+    assert precision.resolve_precision("auto", "cuda") == "bf16"
+    assert precision.resolve_precision("fp32", "cuda") == "fp32"
+    assert precision.resolve_precision("bf16", "cpu") == "bf16"
+    assert ("lacks" in precision.describe("native", "cpu")) is not native
+    cfg = load_config(None, ["pretrain.precision=native"])
+    assert deepspeed_config(cfg, 1, use_cuda=False)["bf16"]["enabled"] is native
+    assert deepspeed_config(load_config(None, []), 1, use_cuda=False)["bf16"]["enabled"] is False
+
+
+def test_this_machines_flags_are_read() -> None:
+    flags = open("/proc/cpuinfo").read().split()
+    expected = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert precision.cpu_has_native_bf16() is expected
