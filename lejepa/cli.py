@@ -41,13 +41,6 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
 
-def forwarded(args: argparse.Namespace) -> list[str]:
-    """The same `--config/--set` arguments, for a program this one starts (e.g. every training rank)."""
-    return (["--config", args.config] if args.config else []) + [
-        a for o in args.overrides for a in ("--set", o)
-    ]
-
-
 def as_json(summary: Any) -> Any:
     if isinstance(summary, BaseModel):
         return summary.model_dump(mode="json")
