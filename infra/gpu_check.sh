@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for a bare CUDA machine with its own torch and no internet (about 6 minutes on one H100):
+# The GPU check, for a bare CUDA machine with its own torch and no internet (sized for < 8 min on one H100):
 #   1. the CUDA tests (SIGReg, training on one GPU rank over NCCL, evaluation on the device) and the launcher's
 #      option and error tests against this machine's torch;
 #   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml);
