@@ -93,8 +93,9 @@ def _quadrature(knots: int, t_max: float, like: Tensor) -> tuple[Tensor, Tensor]
     t = torch.linspace(0.0, t_max, knots, dtype=like.dtype, device=like.device)
     phi = torch.exp(-0.5 * t**2)
     # Trapezoid on [0, t_max], doubled for the mirror half [-t_max, 0]: 2 dt inside, dt at the ends.
-    trapezoid = torch.full_like(t, 2 * dt)
-    trapezoid[0] = trapezoid[-1] = dt
+    # Built on the device with no element assignment: writing a host scalar into a GPU tensor syncs.
+    j = torch.arange(knots, device=like.device)
+    trapezoid = torch.where((j == 0) | (j == knots - 1), dt, 2 * dt).to(like.dtype)
     return phi, phi * trapezoid
 
 

@@ -94,7 +94,9 @@ def test_probes_and_diagnostics_on_cuda_score_like_the_cpu() -> None:
 
 
 def test_evaluate_on_cuda_end_to_end(digits_run: Path, evaluated: dict) -> None:
-    summary = evaluate.run_evaluate(load_config(digits_run, ["evaluate.device=cuda"]))
+    summary = evaluate.run_evaluate(
+        load_config(digits_run, ["evaluate.device=cuda", "evaluate.precision=auto"])
+    )
     metrics = json.loads(Path(summary.metrics).read_text())
     assert metrics["protocol"]["features"].endswith("networks in bf16 on cuda")
     assert not any("cache" in note for note in summary.notes)  # bf16 features are not the CPU's fp32 ones
