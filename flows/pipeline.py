@@ -24,6 +24,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from lejepa.config import OrchestrationConfig, PipelineConfig
+from lejepa.lease import Lease
 from lejepa.publish import read_latest
 from lejepa.shard import plan_shards
 from lejepa.storage import Storage
@@ -49,11 +50,15 @@ def task_runner(orchestration: OrchestrationConfig) -> TaskRunner:
 
 @flow(name="lejepa-shard-groups")
 def _write_dataset(config: PipelineConfig, force: bool = False, continual: bool = False) -> dict[str, Any]:
-    """Plan the groups, map one task per group onto this flow's task runner, then commit the manifest."""
+    """Plan the groups, map one task per group onto this flow's task runner, then commit the manifest.
+
+    The flow holds the dataset version's lease from the first group to the commit: one writer per dataset.
+    """
     plan = plan_shards(config)
-    results = stages.map_shard_groups(plan, config, continual, force)
-    commit = stages.configured(stages.commit_shards, config, config.orchestration.shard, refresh=force)
-    return commit(config, quote(plan), results, key=stages.commit_key(plan, results))
+    with Lease(plan.storage, plan.dataset_url, "sharded"):
+        results = stages.map_shard_groups(plan, config, continual, force)
+        commit = stages.configured(stages.commit_shards, config, config.orchestration.shard, refresh=force)
+        return commit(config, quote(plan), results, key=stages.commit_key(plan, results))
 
 
 @flow(name="lejepa-shard", log_prints=True)

@@ -1,7 +1,8 @@
 """What every stage command shares: `--config FILE --set key=value ...` in, one JSON line out.
 
-Errors a user can cause (an invalid config, storage or data problems, a stage's own user errors) end as
-one `error: ...` line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+Errors a user can cause (an invalid config, storage or data problems, a folder another writer holds, a
+stage's own user errors) end as one `error: ...` line on stderr and exit status 2; anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.lease import LeaseHeld
 from lejepa.sources import DataError
 from lejepa.storage import StorageError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, DataError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, DataError, LeaseHeld)
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -1,13 +1,14 @@
-"""One writer per run: a lease in the store that a launch holds while its ranks train.
+"""One writer per store folder: a lease that a stage holds while it writes a run, a dataset or a model.
 
-`{run}/lease.json` names the holder (host, pid, a random token) and when the lease expires. The holder
-renews it from a background thread every `ttl / 3` seconds and deletes it when the launch ends. A second
-launch of the same run is refused while the lease is live. It takes the lease over only when its holder is
+`{folder}/lease.json` names the holder (host, pid, a random token) and when the lease expires. The holder
+renews it from a background thread every `ttl / 3` seconds and deletes it when it is done. The pretrain
+launch holds `runs/{run}`, the shard stage `datasets/{name}`, publish `models/{name}`. A second writer of
+the same folder is refused while the lease is live. It takes the lease over only when its holder is
 provably gone: it expired (no renewal for `ttl` seconds: a crashed holder on another host), or its holder
 ran on this host and that process no longer exists (a killed launcher, whose ranks die with it).
 
-Object stores have no compare-and-swap, so after writing its lease a launch reads it back once more after
-a short settle time and proceeds only if it still holds it: two launches that start within the same moment
+Object stores have no compare-and-swap, so after writing its lease a writer reads it back once more after
+a short settle time and proceeds only if it still holds it: two writers that start within the same moment
 cannot both win.
 """
 
@@ -27,7 +28,7 @@ LEASE = "lease.json"
 
 
 class LeaseHeld(RuntimeError):
-    """Another live launch holds the run; the message names it and what to do."""
+    """Another live writer holds the folder; the message names it and what to do."""
 
 
 def _process_exists(pid: int) -> bool:
@@ -46,11 +47,17 @@ def _holder_gone(lease: dict[str, Any], now: float) -> bool:
     return lease["host"] == socket.gethostname() and not _process_exists(lease["pid"])
 
 
-class RunLease:
-    """`with RunLease(storage, run_url): ...` holds the run for the body, or raises LeaseHeld."""
+class Lease:
+    """`with Lease(storage, folder, "trained"): ...` holds `folder` for the body, or raises LeaseHeld.
 
-    def __init__(self, storage: Storage, run_url: str, ttl: float = 60.0, settle: float = 1.0) -> None:
-        self.storage, self.url, self.ttl, self.settle = storage, f"{run_url}/{LEASE}", ttl, settle
+    `activity` completes the refusal "{folder} is being {activity} by pid ... on ...".
+    """
+
+    def __init__(
+        self, storage: Storage, folder: str, activity: str, ttl: float = 60.0, settle: float = 1.0
+    ) -> None:
+        self.storage, self.url, self.ttl, self.settle = storage, f"{folder}/{LEASE}", ttl, settle
+        self.folder, self.activity = folder, activity
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -71,7 +78,7 @@ class RunLease:
     def _refuse(self, lease: dict[str, Any]) -> LeaseHeld:
         left = max(0, round(lease["expires"] - time.time()))
         return LeaseHeld(
-            f"run {self.url.rsplit('/', 2)[0]} is being trained by pid {lease['pid']} on {lease['host']} "
+            f"{self.folder} is being {self.activity} by pid {lease['pid']} on {lease['host']} "
             f"(lease renewed {lease['renewed']}): wait for it to finish, or stop it; a crashed holder's "
             f"lease expires within {left} s"
         )
@@ -81,11 +88,11 @@ class RunLease:
         if lease is not None and lease["token"] != self.token and not _holder_gone(lease, time.time()):
             raise self._refuse(lease)
         self.storage.write_json(self.url, self._record())
-        time.sleep(self.settle)  # let a racing writer's lease land, then see who holds the run
+        time.sleep(self.settle)  # let a racing writer's lease land, then see who holds the folder
         lease = self._current()
         if lease is None or lease["token"] != self.token:
             raise self._refuse(lease or self._record())
-        self._renewer = threading.Thread(target=self._renew, name="run-lease", daemon=True)
+        self._renewer = threading.Thread(target=self._renew, name="store-lease", daemon=True)
         self._renewer.start()
 
     def _renew(self) -> None:
@@ -93,7 +100,7 @@ class RunLease:
             try:
                 self.storage.write_json(self.url, self._record())
             except Exception as error:  # a store hiccup: the next renewal may work; expiry is ttl away
-                print(f"warning: could not renew the run lease {self.url}: {error}", flush=True)
+                print(f"warning: could not renew the lease {self.url}: {error}", flush=True)
 
     def release(self) -> None:
         self._stop.set()
@@ -103,7 +110,7 @@ class RunLease:
         if lease is not None and lease["token"] == self.token:
             self.storage.rm(self.url)
 
-    def __enter__(self) -> RunLease:
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 

@@ -152,3 +152,51 @@ class Encoder(nn.Module):
         stacked = torch.cat(embeddings)
         projections = self.projector(stacked.flatten(0, 1)).unflatten(0, stacked.shape[:2])
         return stacked, projections
+
+
+class _Fp32Statistics(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose statistics stay fp32 when its parameters are bf16: it normalises a bf16 input with
+    fp32 running mean and variance and its weight and bias upcast, as PyTorch's autocast would. The same
+    module otherwise (state-dict keys, momentum, eval mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm does
+                momentum = 1.0 / float(self.num_batches_tracked)
+        track = not self.training or self.track_running_stats
+        return nn.functional.batch_norm(
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            None if self.weight is None else self.weight.float(),
+            None if self.bias is None else self.bias.float(),
+            self.training or (self.running_mean is None and self.running_var is None),
+            momentum,
+            self.eps,
+        )
+
+
+_FP32_STATISTICS: dict[type, type] = {}
+
+
+def keep_norm_statistics_fp32(module: nn.Module) -> None:
+    """Make every BatchNorm in `module` keep fp32 running statistics under bf16 parameters.
+
+    DeepSpeed's bf16 mode casts parameters and leaves buffers alone (older releases cast both); a plain
+    BatchNorm then refuses a bf16 weight beside fp32 statistics on the CPU. Each BatchNorm becomes its
+    `_Fp32Statistics` subclass in place (no new state), and its buffers fp32.
+    """
+    for norm in module.modules():
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or isinstance(norm, _Fp32Statistics):
+            continue
+        cls = type(norm)
+        if cls not in _FP32_STATISTICS:
+            _FP32_STATISTICS[cls] = type(f"Fp32Statistics{cls.__name__}", (_Fp32Statistics, cls), {})
+        norm.__class__ = _FP32_STATISTICS[cls]
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(norm, name)
+            if buffer is not None:
+                buffer.data = buffer.data.float()

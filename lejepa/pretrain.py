@@ -21,7 +21,7 @@ import yaml
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import SECRETS_ENV, PipelineConfig, blank_credentials, storage_secrets
 from lejepa.launch import LaunchError, launch
-from lejepa.lease import LeaseHeld, RunLease
+from lejepa.lease import Lease
 from lejepa.shard import locate_manifest
 from lejepa.storage import Storage
 
@@ -97,7 +97,7 @@ def run_pretrain(
         ):
             status = launch(cfg, program_args, dry_run=dry_run, env=env)
         else:
-            with RunLease(storage, run_url(cfg)):
+            with Lease(storage, run_url(cfg), "trained"):
                 status = launch(cfg, program_args, env=env)
     if status != 0:
         raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
@@ -116,7 +116,6 @@ def cli(argv: list[str] | None = None) -> int:
         lambda: run_pretrain(config_from(args), dry_run=args.dry_run) or None,
         LaunchError,
         PretrainFailed,
-        LeaseHeld,
     )
 
 

@@ -39,6 +39,7 @@ from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, blank_credentials, redacted
 from lejepa.evaluate import METRICS, sha256_of
 from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
+from lejepa.lease import Lease
 from lejepa.report import FIGURE, results_table, write_html_report
 from lejepa.storage import Storage
 
@@ -206,13 +207,8 @@ def model_card(
     )
 
 
-def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
-    """Release the encoder of `{root}/runs/{pretrain.run_name}`; `latest` moves only if the gate allows."""
-    storage = Storage.from_config(cfg.storage)
-    run_url = storage.url("runs", cfg.pretrain.run_name)
-    name = cfg.publish.name or cfg.pretrain.run_name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(f"publish.name: '{name}' must be letters, digits, '.', '_' or '-' (no slashes)")
+def _evaluated_run(storage: Storage, run_url: str) -> tuple[dict[str, Any], str]:
+    """The run's metrics.json and its weights' sha256, after checking the run was exported and evaluated."""
     for needed, stage in ((DESCRIPTION, "pretrain"), (WEIGHTS, "pretrain"), (METRICS, "evaluate")):
         if not storage.exists(f"{run_url}/{needed}"):
             raise PublishError(f"{run_url} has no {needed}: run `lejepa-pipeline {stage}` first")
@@ -222,55 +218,78 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
         raise PublishError(
             f"{run_url}/{METRICS} is for other weights than {WEIGHTS}: run `lejepa-pipeline evaluate` again"
         )
-    config_url = f"{run_url}/config.json"
-    config = blank_credentials(storage.read_json(config_url)) if storage.exists(config_url) else redacted(cfg)
+    return metrics, weights_sha256
 
+
+def _free_version(storage: Storage, name: str, weights_sha256: str) -> tuple[str, str]:
+    """(version, model_uri) of a release folder not taken yet (the caller holds the model's lease)."""
     version = base = release_version(weights_sha256)
     for attempt in itertools.count(2):  # the same weights published twice in one second get -2, -3, ...
         model_uri = storage.url("models", name, version)
         if not storage.ls(model_uri):
-            break
+            return version, model_uri
         version = f"{base}-{attempt}"
-    latest = read_latest(storage, name)
-    top1 = metrics.get("linear_probe_top1")
-    test_set = test_set_of(metrics)
-    pixels = metrics.get("models", {}).get("raw_pixels", {}).get("linear_probe_top1")
-    raw_pixels = pixels if cfg.publish.beat_raw_pixels else None
-    promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force, test_set, raw_pixels)
-    # What the top-1 was measured on: the gate of the next release compares against it.
-    dataset = {"manifest": metrics["dataset"]["manifest"], "test_set": test_set}
+    raise AssertionError("unreachable")
 
+
+def _write_files(storage: Storage, run_url: str, model_uri: str, card: str) -> dict[str, dict[str, Any]]:
+    """Copy the run's files and write the model card into the release folder; returns {file: sha256, bytes}.
+
+    `LEJEPA_PUBLISH_CRASH_AFTER=N` SIGKILLs this process after N files (the crash-safety tests).
+    """
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
     files: dict[str, dict[str, Any]] = {}
-
     copied = [WEIGHTS, DESCRIPTION, METRICS] + [
         optional for optional in (PROJECTOR, FIGURE) if storage.exists(f"{run_url}/{optional}")
     ]
     with tempfile.TemporaryDirectory() as tmp:
         local_storage = Storage(tmp)
-
-        def written(file_name: str, local: Path) -> None:
+        for file_name in [*copied, CARD]:
+            local = Path(tmp) / file_name
+            if file_name == CARD:
+                local.write_text(card)
+            else:
+                storage.get_file(f"{run_url}/{file_name}", local)
             storage.put_file(local, f"{model_uri}/{file_name}")
             files[file_name] = {"sha256": sha256_of(local_storage, str(local)), "bytes": local.stat().st_size}
             if crash_after and len(files) >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+    return files
 
-        for file_name in copied:
-            local = Path(tmp) / file_name
-            storage.get_file(f"{run_url}/{file_name}", local)
-            written(file_name, local)
-        card = Path(tmp) / CARD
-        card.write_text(
-            model_card(name, version, model_uri, metrics, config, promoted, reason, FIGURE in files)
+
+def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
+    """Release the encoder of `{root}/runs/{pretrain.run_name}`; `latest` moves only if the gate allows.
+
+    The model's lease (`models/{name}/lease.json`) is held from choosing the version to moving `latest`, so
+    two publishers of one model cannot interleave.
+    """
+    storage = Storage.from_config(cfg.storage)
+    run_url = storage.url("runs", cfg.pretrain.run_name)
+    name = cfg.publish.name or cfg.pretrain.run_name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"publish.name: '{name}' must be letters, digits, '.', '_' or '-' (no slashes)")
+    metrics, weights_sha256 = _evaluated_run(storage, run_url)
+    config_url = f"{run_url}/config.json"
+    config = blank_credentials(storage.read_json(config_url)) if storage.exists(config_url) else redacted(cfg)
+    top1 = metrics.get("linear_probe_top1")
+    test_set = test_set_of(metrics)
+    pixels = metrics.get("models", {}).get("raw_pixels", {}).get("linear_probe_top1")
+    raw_pixels = pixels if cfg.publish.beat_raw_pixels else None
+    # What the top-1 was measured on: the gate of the next release compares against it.
+    dataset = {"manifest": metrics["dataset"]["manifest"], "test_set": test_set}
+
+    with Lease(storage, storage.url("models", name), "published"):
+        latest = read_latest(storage, name)
+        promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force, test_set, raw_pixels)
+        version, model_uri = _free_version(storage, name, weights_sha256)
+        card = model_card(
+            name, version, model_uri, metrics, config, promoted, reason, storage.exists(f"{run_url}/{FIGURE}")
         )
-        written(CARD, card)
-    if files[WEIGHTS]["sha256"] != weights_sha256:
-        raise PublishError(f"{run_url}/{WEIGHTS} changed while publishing: publish again")
-
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    storage.write_json(
-        f"{model_uri}/{RELEASE}",
-        {
+        files = _write_files(storage, run_url, model_uri, card)
+        if files[WEIGHTS]["sha256"] != weights_sha256:
+            raise PublishError(f"{run_url}/{WEIGHTS} changed while publishing: publish again")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        release = {
             "name": name,
             "version": version,
             "model_uri": model_uri,
@@ -283,19 +302,11 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             "reason": reason,
             "previous_latest": latest["version"] if latest else None,
             "files": files,
-        },
-    )
-    if promoted:
-        storage.write_json(
-            storage.url("models", name, LATEST),
-            {
-                "version": version,
-                "model_uri": model_uri,
-                "linear_probe_top1": top1,
-                **dataset,
-                "updated": now,
-            },
-        )
+        }
+        storage.write_json(f"{model_uri}/{RELEASE}", release)  # the release's commit point
+        if promoted:
+            pointer = {"version": version, "model_uri": model_uri, "linear_probe_top1": top1, **dataset}
+            storage.write_json(storage.url("models", name, LATEST), {**pointer, "updated": now})
     summary = PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
     write_html_report(storage, run_url, metrics, asdict(summary))  # the run's page now shows its release
     return summary

@@ -45,6 +45,7 @@ from pydantic import BaseModel
 import lejepa
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import DataConfig, PipelineConfig
+from lejepa.lease import Lease
 from lejepa.sources import DataError, Item, Payload, Rejection, Source, open_source
 from lejepa.storage import TMP_PREFIX, Storage
 
@@ -647,18 +648,18 @@ def write_shards(cfg: PipelineConfig, force: bool = False, progress: bool = True
     source = open_source(cfg.data, storage)
     fingerprint = source.fingerprint()
     manifest_url = _manifest_url(storage, cfg, _version(cfg, fingerprint))
-    if storage.exists(manifest_url):
-        if not force:  # up to date: decided before listing a single sample
-            return _summary(ShardManifest.load(storage, manifest_url), up_to_date=True)
-        storage.rm(manifest_url)  # uncommit first: a crash during the rebuild must not expose it
-    plan = plan_shards(cfg, storage, source, fingerprint)
-    for stale in storage.ls(plan.dataset_url):  # temporary files of a killed run
-        if posixpath.basename(stale).startswith(TMP_PREFIX):
-            storage.rm(stale)
-
-    workers = min(cfg.shard.workers or os.cpu_count() or 1, len(plan.groups))
-    results = _run_groups(plan, workers, progress, cfg.shard.start_method)
-    return commit_manifest(cfg, plan, results, seconds=time.perf_counter() - start)
+    if storage.exists(manifest_url) and not force:  # up to date: decided before listing a single sample
+        return _summary(ShardManifest.load(storage, manifest_url), up_to_date=True)
+    with Lease(storage, posixpath.dirname(manifest_url), "sharded"):
+        if storage.exists(manifest_url):
+            storage.rm(manifest_url)  # uncommit first: a crash during the rebuild must not expose it
+        plan = plan_shards(cfg, storage, source, fingerprint)
+        for stale in storage.ls(plan.dataset_url):  # temporary files of a killed run
+            if posixpath.basename(stale).startswith(TMP_PREFIX):
+                storage.rm(stale)
+        workers = min(cfg.shard.workers or os.cpu_count() or 1, len(plan.groups))
+        results = _run_groups(plan, workers, progress, cfg.shard.start_method)
+        return commit_manifest(cfg, plan, results, seconds=time.perf_counter() - start)
 
 
 def commit_manifest(

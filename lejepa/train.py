@@ -36,7 +36,7 @@ from lejepa.config import ConfigError, PipelineConfig, redacted
 from lejepa.data import TrainStream
 from lejepa.export import DESCRIPTION, encoder_description, export_encoder, warm_start
 from lejepa.loss import LeJEPALoss, lejepa_loss
-from lejepa.model import Encoder
+from lejepa.model import Encoder, keep_norm_statistics_fp32
 from lejepa.precision import describe, resolve_precision
 from lejepa.shard import ShardManifest, locate_manifest
 from lejepa.sigreg import SIGReg
@@ -555,11 +555,8 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    # DeepSpeed casts parameters to bf16 but not buffers; BatchNorm on the CPU needs its running
-    # statistics in the input's dtype.
-    for buffer in engine.module.buffers():
-        if buffer.is_floating_point():
-            buffer.data = buffer.data.to(dtype)
+    if dtype == torch.bfloat16:
+        keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
 
     probe = (
         OnlineProbe(encoder.embed_dim, len(manifest.classes), device, seed=cfg.seed)

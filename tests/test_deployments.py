@@ -50,7 +50,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
@@ -79,11 +81,16 @@ def test_run_button_on_the_manual_deployment_and_the_nightly_schedule(
 
     subprocess.run(
         [str(PREFECT), "work-pool", "create", "lejepa-test", "--type", "process"],
-        env=server, check=True, capture_output=True,
+        env=server,
+        check=True,
+        capture_output=True,
     )
     registered = subprocess.run(
         [sys.executable, "-m", "flows.cli", "deploy", "--work-pool", "lejepa-test", "--cron", "0 2 * * *"],
-        env=server, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        env=server,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert registered.returncode == 0, registered.stderr
     assert "registered 6 deployments" in registered.stdout
@@ -91,11 +98,22 @@ def test_run_button_on_the_manual_deployment_and_the_nightly_schedule(
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(
         [str(PREFECT), "worker", "start", "--pool", "lejepa-test", "--type", "process"],
-        env=server, stdout=worker_log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env=server,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
     )
     root = tmp_path / "store"
-    config = load_config(None, [f"storage.root={root}", *TINY, "pretrain.run_name=from-ui",
-                                "publish.name=ui-model", "pretrain.max_steps=2"])
+    config = load_config(
+        None,
+        [
+            f"storage.root={root}",
+            *TINY,
+            "pretrain.run_name=from-ui",
+            "publish.name=ui-model",
+            "pretrain.max_steps=2",
+        ],
+    )
     try:
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
             with get_client(sync_client=True) as client:
@@ -114,9 +132,9 @@ def test_run_button_on_the_manual_deployment_and_the_nightly_schedule(
                 assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
                 assert nightly.parameters["continual"] is True
                 deadline = time.monotonic() + 60
-                while not (upcoming := client.read_flow_runs(
-                    deployment_filter=_deployment_filter(nightly.id)
-                )):
+                while not (
+                    upcoming := client.read_flow_runs(deployment_filter=_deployment_filter(nightly.id))
+                ):
                     assert time.monotonic() < deadline, "the scheduler created no runs for the nightly"
                     time.sleep(0.5)
                 assert all(r.state.is_scheduled() for r in upcoming)

@@ -1,4 +1,4 @@
-"""One writer per run: the run lease, and ranks that die with their launcher.
+"""One writer per run: the store lease, and ranks that die with their launcher.
 
 The real test SIGKILLs a `lejepa.pretrain` launcher mid-run, as the OOM killer would, and checks that none
 of its processes is left, that a retry resumes alone, and that a concurrent second attempt is refused.
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from lejepa.config import load_config
-from lejepa.lease import LEASE, LeaseHeld, RunLease
+from lejepa.lease import LEASE, Lease, LeaseHeld
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
 from lejepa.with_parent import PARENT_ENV
@@ -37,13 +37,13 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> 
 def test_a_live_lease_refuses_a_second_holder_until_released(tmp_path: Path) -> None:
     storage = Storage.from_config(load_config(None, [f"storage.root={tmp_path}"]).storage)
     run = storage.url("runs", "r")
-    first = RunLease(storage, run, settle=0)
+    first = Lease(storage, run, "trained", settle=0)
     first.acquire()
     with pytest.raises(LeaseHeld, match=f"is being trained by pid {os.getpid()}"):
-        RunLease(storage, run, settle=0).acquire()
+        Lease(storage, run, "trained", settle=0).acquire()
     first.release()
     assert not (tmp_path / "runs" / "r" / LEASE).exists()
-    with RunLease(storage, run, settle=0):
+    with Lease(storage, run, "trained", settle=0):
         assert json.loads((tmp_path / "runs" / "r" / LEASE).read_text())["pid"] == os.getpid()
 
 
@@ -62,13 +62,13 @@ def test_a_lease_is_taken_over_only_when_its_holder_is_provably_gone(tmp_path: P
     }
     storage.write_json(f"{run}/{LEASE}", live_elsewhere)
     with pytest.raises(LeaseHeld, match="on other-node"):
-        RunLease(storage, run, settle=0).acquire()
+        Lease(storage, run, "trained", settle=0).acquire()
     storage.write_json(f"{run}/{LEASE}", {**live_elsewhere, "expires": time.time() - 1})  # expired
-    with RunLease(storage, run, settle=0):
+    with Lease(storage, run, "trained", settle=0):
         pass
     gone_here = {**live_elsewhere, "host": socket.gethostname(), "pid": int(dead.stdout)}
     storage.write_json(f"{run}/{LEASE}", gone_here)  # this host, and that process has exited
-    with RunLease(storage, run, settle=0):
+    with Lease(storage, run, "trained", settle=0):
         pass
 
 
@@ -131,8 +131,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_pa
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert (
-        second.stderr.strip().splitlines()[-1].startswith("error: run ")
-        and f"pid {retry.pid}" in second.stderr
+        second.stderr.strip().splitlines()[-1].startswith(f"error: {run} is being trained by pid {retry.pid}")
     )
 
     out, _ = retry.communicate(timeout=300)

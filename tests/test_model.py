@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lejepa.config import ModelConfig
-from lejepa.model import Encoder, create_backbone
+from lejepa.model import Encoder, create_backbone, keep_norm_statistics_fp32
 
 # Small projector so the tests measure the plumbing, not a 2048-wide MLP.
 PROJ = {"proj_dim": 16, "proj_hidden_dim": 32}
@@ -129,3 +129,34 @@ def test_bf16_autocast_and_empty_local_group() -> None:
     assert torch.isfinite(embeddings.float()).all() and torch.isfinite(projections.float()).all()
     projections.float().square().mean().backward()
     assert encoder.backbone.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_bf16_parameters_keep_fp32_batch_norm_statistics(device: str) -> None:
+    # As DeepSpeed's bf16 mode leaves the model: parameters bf16, buffers as they were.
+    torch.manual_seed(0)
+    reference = Encoder("resnet18", in_chans=1, small_input=True, **PROJ).to(device)
+    model = Encoder("resnet18", in_chans=1, small_input=True, **PROJ).to(device)
+    model.load_state_dict(reference.state_dict())
+    keys = list(model.state_dict())
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    keep_norm_statistics_fp32(model)
+
+    views = torch.randn(2, 8, 1, 16, 16, device=device)
+    _, projections = model.forward_views(views.to(torch.bfloat16), views[:0, :, :, :8, :8].to(torch.bfloat16))
+    projections.float().square().mean().backward()
+    reference.forward_views(views, views[:0, :, :, :8, :8])
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    references = [m for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == len(references) > 10 and list(model.state_dict()) == keys
+    for norm, ref in zip(norms, references, strict=True):
+        assert norm.running_mean.dtype == norm.running_var.dtype == torch.float32
+        assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.bfloat16
+        assert int(norm.num_batches_tracked) == int(ref.num_batches_tracked) > 0
+        torch.testing.assert_close(norm.running_mean, ref.running_mean, atol=0.02, rtol=0.05)
+        torch.testing.assert_close(norm.running_var, ref.running_var, atol=0.02, rtol=0.05)

@@ -15,6 +15,7 @@ import yaml
 from lejepa.config import PipelineConfig, load_config
 from lejepa.evaluate import sha256_of
 from lejepa.export import encoder_description, export_encoder, load_encoder
+from lejepa.lease import LEASE, Lease
 from lejepa.model import create_backbone
 from lejepa.publish import CRASH_AFTER_ENV, RELEASE, cli, read_latest, run_publish, verify_release
 from lejepa.storage import Storage
@@ -203,3 +204,18 @@ def test_a_release_pixels_beat_is_not_promoted_not_even_the_first(tmp_path: Path
     assert run_publish(allowed).promoted
     strong = run_publish(_evaluated_run(tmp_path, 0.9, 2, "strong", None, "test-set-1", 0.85))
     assert strong.promoted and "> raw pixels 0.8500" in strong.reason
+
+
+def test_a_model_being_published_refuses_a_second_publisher(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = _evaluated_run(tmp_path, top1=0.9, seed=0)
+    storage = _models(cfg)
+    model = storage.url("models", "fmnist")
+    with Lease(storage, model, "published", settle=0):
+        assert cli(["--config", str(tmp_path / "config.yaml")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {model} is being published by pid {os.getpid()}")
+        assert read_latest(storage, "fmnist") is None and [p.name for p in Path(model).iterdir()] == [LEASE]
+    assert cli(["--config", str(tmp_path / "config.yaml")]) == 0
+    assert read_latest(storage, "fmnist") is not None and not Path(model, LEASE).exists()

@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -20,6 +22,7 @@ from PIL import Image
 
 from lejepa.config import StorageConfig, load_config
 from lejepa.data import eval_loader
+from lejepa.lease import LEASE, Lease
 from lejepa.shard import (
     CRASH_AFTER_ENV,
     ShardManifest,
@@ -380,3 +383,19 @@ def test_a_file_keeps_its_split_when_others_are_added(tmp_path: Path):
     again = config(str(tmp_path / "again"), path=folder, data__test_fraction=0.1)
     third = ShardManifest.load(Storage(str(tmp_path / "again")), write_shards(again, progress=False).manifest)
     assert third.splits["test"].fingerprint == second.splits["test"].fingerprint
+
+
+def test_a_dataset_being_sharded_refuses_a_second_writer(tmp_path: Path, capsys):
+    args = ["--set", "data.source=digits", "--set", f"storage.root={tmp_path}", "--set", "data.limit=300"]
+    cfg = load_config(None, [a for a in args if a != "--set"])
+    folder = posixpath.dirname(manifest_url_for(cfg))
+    with Lease(Storage.from_config(cfg.storage), folder, "sharded", settle=0):
+        assert cli([*args, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "wait for it to finish, or stop it" in err[0]
+        assert err[0].startswith(
+            f"error: {folder} is being sharded by pid {os.getpid()} on {socket.gethostname()}"
+        )
+        assert not Path(folder, "manifest.json").exists()
+    assert cli([*args, "--no-progress"]) == 0
+    assert Path(folder, "manifest.json").exists() and not Path(folder, LEASE).exists()

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 import lejepa
+from lejepa.checkpoint import _deepspeed_types
 from lejepa.config import load_config
 from lejepa.launch import free_port
 from lejepa.pretrain import PretrainFailed, run_pretrain
@@ -68,15 +69,18 @@ def weights(run_dir: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir, "encoder.safetensors")))
 
 
-@pytest.mark.parametrize(("zero_stage", "views_on_device"), [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize(
+    ("zero_stage", "views_on_device", "precision"),
+    [(2, False, "fp32"), (3, False, "fp32"), (2, True, "bf16")],
+)
 def test_two_ranks_lower_the_loss(
-    tmp_path: Path, store: Path, zero_stage: int, views_on_device: bool
+    tmp_path: Path, store: Path, zero_stage: int, views_on_device: bool, precision: str
 ) -> None:
     config = write_config(
         tmp_path / "cfg.yaml",
         store,
         f"zero{zero_stage}-{views_on_device}",
-        pretrain={"zero_stage": zero_stage},
+        pretrain={"zero_stage": zero_stage, "precision": precision},
         views={"on_device": views_on_device},
     )
     summary = pretrain(config)
@@ -92,6 +96,17 @@ def test_two_ranks_lower_the_loss(
     encoder = lejepa.load_encoder(summary["encoder"])
     embeddings = encoder(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8))
     assert embeddings.shape == (5, encoder.embed_dim) and torch.isfinite(embeddings).all()
+    if zero_stage < 3:  # ZeRO-3 splits the module's state across files
+        # Parameters in the training precision; BatchNorm's running statistics fp32 whatever it is.
+        tag = json.loads(Path(summary["run_dir"], "checkpoints", "latest.json").read_text())["tag"]
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            states = torch.load(
+                Path(summary["run_dir"], "checkpoints", tag, "mp_rank_00_model_states.pt"), weights_only=True
+            )["module"]
+        statistics = [v for k, v in states.items() if k.endswith(("running_mean", "running_var"))]
+        assert len(statistics) > 10 and all(v.dtype == torch.float32 for v in statistics)
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert states["encoder.backbone.conv1.0.weight"].dtype == expected
 
 
 def test_two_launcher_agents_as_two_nodes_train_together(tmp_path: Path, store: Path) -> None:

@@ -46,8 +46,11 @@ def main() -> int:
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     shown = " ".join(f"{name}={digest(name)}" for name in args.show_env)
-    print(f"probe rank={rank} world={dist.get_world_size()} sum={total.item():g} "
-          f"accelerator={os.environ.get('DS_ACCELERATOR', 'unset')} {shown}".rstrip(), flush=True)
+    print(
+        f"probe rank={rank} world={dist.get_world_size()} sum={total.item():g} "
+        f"accelerator={os.environ.get('DS_ACCELERATOR', 'unset')} {shown}".rstrip(),
+        flush=True,
+    )
     dist.destroy_process_group()
     return 0
 
