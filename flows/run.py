@@ -33,12 +33,11 @@ from uuid import UUID
 from lejepa.cli import USER_ERRORS, config_from, stage_parser
 from lejepa.config import ConfigError, PipelineConfig
 from lejepa.launch import LaunchError
-from lejepa.lease import LeaseHeld
 from lejepa.publish import CARD
 from lejepa.report import HTML_REPORT, text_table
 from lejepa.storage import Storage
 
-FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError, LeaseHeld)
+FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError)
 ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
 
 
