@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from lejepa import layout
 from lejepa.config import PipelineConfig, load_config
 from lejepa.evaluate import run_evaluate
 from lejepa.pretrain import run_pretrain
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
+from lejepa.training_log import read_training_log
 
 PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
 """The tuned CPU settings (a CIFAR-style ResNet-10 at 3/4 width, 24/12 px views); see the file."""
@@ -47,12 +49,9 @@ def seconds_per_step(root: str, extra: list[str], steps: int = 20) -> float:
     cfg, args = _config(root, name, [*extra, f"pretrain.max_steps={steps}"])
     run_pretrain(cfg, args)
     storage = Storage.from_config(cfg.storage)
-    records = [
-        json.loads(line)
-        for line in storage.read_bytes(f"runs/{name}/metrics.jsonl").decode().splitlines()
-        if line
-    ]
-    storage.rm(f"runs/{name}", recursive=True)
+    run = layout.run_url(storage, name)
+    records = read_training_log(storage, run)
+    storage.rm(run, recursive=True)
     return statistics.mean(cfg.pretrain.batch_size / r["images_per_s"] for r in records[steps // 4 :])
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.shard import ShardManifest, write_shards
+from lejepa.manifest import ShardManifest
+from lejepa.shard import write_shards
 from lejepa.sources import FashionMNIST
 from lejepa.storage import Storage
 
@@ -96,7 +97,7 @@ def loader_speed(cfg: PipelineConfig, manifest_url: str, steps: int) -> tuple[fl
     storage = Storage.from_config(cfg.storage)
     manifest = ShardManifest.load(storage, manifest_url)
     views = MultiCropViews.from_config(
-        cfg.views, manifest.image_size, manifest.channels, manifest.mean, manifest.std
+        cfg.views, manifest.longer_side, manifest.channels, manifest.mean, manifest.std
     )
     batch = cfg.pretrain.batch_size
     stream = TrainStream(manifest, storage, batch_size=batch, transform=views, num_workers=2)

@@ -29,21 +29,23 @@ import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from lejepa.config import PipelineConfig, load_config
+from lejepa.engine import deepspeed_config
+from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.minimal import MinimalTrainer
-from lejepa.shard import ShardManifest, locate_manifest, write_shards
+from lejepa.shard import write_shards
 from lejepa.storage import Storage
-from lejepa.train import deepspeed_config, train
+from lejepa.train import train
+from lejepa.training_log import read_training_log
 
 
 def ours(cfg: PipelineConfig, warmup: int, cuda: bool) -> tuple[float, float]:
     """Our images/s and mean data-wait fraction over the timed steps of a real run."""
     summary = train(cfg)
-    log = [json.loads(line) for line in Path(summary.run_dir, "metrics.jsonl").read_text().splitlines()]
+    log = read_training_log(Storage.from_config(cfg.storage), summary.run_dir)
     timed = log[warmup:]
     images_per_step = cfg.pretrain.batch_size * cfg.pretrain.grad_accum
     seconds = [images_per_step / r["images_per_s"] for r in timed]
@@ -60,11 +62,11 @@ def plain_loop(
 ) -> float:
     """The plain loop's images/s on precomputed views, on `device`."""
     torch.manual_seed(cfg.seed)
-    trainer = MinimalTrainer(cfg, resolution=manifest.image_size, channels=manifest.channels)
+    trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
     for module in (trainer.encoder, trainer.sigreg, trainer.views):
         module.to(device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    size = manifest.image_size
+    size = manifest.longer_side
     batch = cfg.pretrain.batch_size
     images = torch.randint(0, 256, (batch, manifest.channels, size, size), dtype=torch.uint8, device=device)
     views = [trainer.views(images, generator) for _ in range(4)]
@@ -123,7 +125,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(
         f"{name}: model {cfg.model.backbone}, batch {cfg.pretrain.batch_size},"
-        f" views {v.global_views}x{v.global_size or manifest.image_size}px + {v.local_views}x{v.local_size}px"
+        f" views {v.global_views}x{v.global_size or manifest.longer_side}px"
+        f" + {v.local_views}x{v.local_size}px"
         f" made {'on the device' if v.on_device else 'in the loader'}, {'bf16' if bf16 else 'fp32'},"
         f" {steps} timed steps after {warmup} warm-up steps"
     )

@@ -17,6 +17,7 @@ source usually adds test samples: then the release must clear `publish.min_top1`
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -25,10 +26,9 @@ from prefect.utilities.annotations import quote
 
 from lejepa.config import OrchestrationConfig, PipelineConfig
 from lejepa.lease import Lease
-from lejepa.publish import read_latest
-from lejepa.shard import plan_shards
-from lejepa.storage import Storage
+from lejepa.shard import GroupResult, ShardPlan
 from tasks import stages
+from tasks.options import commit_key, configured, evaluate_key, group_key, pretrain_key, publish_key
 
 # The Run form's defaults (flows never mutate their config: continual mode works on a copy).
 DEFAULTS = PipelineConfig()
@@ -48,17 +48,34 @@ def task_runner(orchestration: OrchestrationConfig) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=orchestration.max_workers)
 
 
+def _map_shard_groups(
+    plan: ShardPlan, cfg: PipelineConfig, continual: bool, force: bool
+) -> list[GroupResult]:
+    """Submit one shard-group task per group to the flow's task runner and wait for all of them."""
+    runner = configured(stages.shard_group, cfg, cfg.orchestration.shard, refresh=force)
+    # Each task gets a plan of its own group only: Prefect walks every parameter before a task runs, and
+    # the whole plan (every item of the dataset) per task made sharding Fashion-MNIST take minutes. Not
+    # quote()d instead: Dask would hand the task the annotation's bare tuple.
+    futures = [
+        runner.submit(replace(plan, groups=[group], listing_rejects=[]), 0, group_key(plan, i, continual))
+        for i, group in enumerate(plan.groups)
+    ]
+    return [future.result() for future in futures]
+
+
 @flow(name="lejepa-shard-groups")
 def _write_dataset(config: PipelineConfig, force: bool = False, continual: bool = False) -> dict[str, Any]:
     """Plan the groups, map one task per group onto this flow's task runner, then commit the manifest.
 
-    The flow holds the dataset version's lease from the first group to the commit: one writer per dataset.
+    The flow holds the dataset version's lease from the first group to the commit (one writer per dataset):
+    the lease spans tasks, so it is the one store access outside a task.
     """
-    plan = plan_shards(config)
+    policy = config.orchestration.shard
+    plan = configured(stages.plan, config, policy)(config)
     with Lease(plan.storage, plan.dataset_url, "sharded"):
-        results = stages.map_shard_groups(plan, config, continual, force)
-        commit = stages.configured(stages.commit_shards, config, config.orchestration.shard, refresh=force)
-        return commit(config, quote(plan), results, key=stages.commit_key(plan, results))
+        results = _map_shard_groups(plan, config, continual, force)
+        commit = configured(stages.commit_shards, config, policy, refresh=force)
+        return commit(config, quote(plan), results, key=commit_key(plan, results))
 
 
 @flow(name="lejepa-shard", log_prints=True)
@@ -66,32 +83,37 @@ def shard_flow(
     config: PipelineConfig = DEFAULTS, force: bool = False, continual: bool = False
 ) -> dict[str, Any]:
     """Shard the source into `storage.root`; returns at once when this exact dataset is committed."""
-    check = stages.configured(stages.committed_dataset, config, config.orchestration.shard)
-    committed = check(config, force)
+    committed = configured(stages.check_dataset, config, config.orchestration.shard)(config, force)
     if committed is not None:
         return committed
     runner = task_runner(config.orchestration)
     return _write_dataset.with_options(task_runner=runner)(config, force, continual)
 
 
+def _stored_dataset(config: PipelineConfig) -> dict[str, Any]:
+    return configured(stages.read_dataset, config, config.orchestration.shard)(config)
+
+
 @flow(name="lejepa-pretrain", log_prints=True)
 def pretrain_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
     """Pretrain on the dataset already in storage: `data.manifest`, else the source's own, else the latest
     of `data.name`."""
-    dataset = stages.stored_dataset(config)
+    dataset = _stored_dataset(config)
     return _pretrain(with_manifest(config, dataset["manifest"]), dataset, force)
 
 
 @flow(name="lejepa-evaluate", log_prints=True)
 def evaluate_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
     """Evaluate the run `pretrain.run_name` already in storage."""
-    return _evaluate(config, stages.stored_pretrain(config), force)
+    trained = configured(stages.read_run, config, config.orchestration.evaluate)(config)
+    return _evaluate(config, trained, force)
 
 
 @flow(name="lejepa-publish", log_prints=True)
 def publish_flow(config: PipelineConfig = DEFAULTS, force: bool = False) -> dict[str, Any]:
     """Publish the evaluated run `pretrain.run_name`; `force` promotes past the gate."""
-    return _publish(config, stages.stored_evaluation(config), force)
+    evaluated = configured(stages.read_evaluation, config, config.orchestration.publish)(config)
+    return _publish(config, evaluated, force)
 
 
 @flow(name="lejepa-pipeline", log_prints=True)
@@ -103,7 +125,7 @@ def pipeline(
     force: redo every stage and promote past the gate. continual: the recurring mode (see module doc).
     """
     if config.data.manifest:
-        dataset = stages.stored_dataset(config)
+        dataset = _stored_dataset(config)
     else:
         dataset = shard_flow(config, force=force, continual=continual)
     config = with_manifest(config, dataset["manifest"])
@@ -126,7 +148,7 @@ def continual_config(config: PipelineConfig, dataset: dict[str, Any]) -> Pipelin
     """This recurring run's config: a run per dataset version, warm-started from the latest release."""
     config = config.model_copy(deep=True)
     name = config.publish.name or config.pretrain.run_name
-    latest = read_latest(Storage.from_config(config.storage), name)
+    latest = configured(stages.latest_release, config, config.orchestration.publish)(config, name)
     config.publish.name = name  # the model keeps its name while run names follow the data
     config.pretrain.run_name = f"{config.pretrain.run_name}-{dataset['version']}"
     if latest is not None:
@@ -137,18 +159,18 @@ def continual_config(config: PipelineConfig, dataset: dict[str, Any]) -> Pipelin
 
 
 def _pretrain(config: PipelineConfig, dataset: dict[str, Any], force: bool) -> dict[str, Any]:
-    task = stages.configured(stages.pretrain, config, config.orchestration.pretrain, refresh=force)
-    return task(config, dataset, key=stages.pretrain_key(config, dataset))
+    task = configured(stages.pretrain, config, config.orchestration.pretrain, refresh=force)
+    return task(config, dataset, key=pretrain_key(config, dataset))
 
 
 def _evaluate(config: PipelineConfig, trained: dict[str, Any], force: bool) -> dict[str, Any]:
-    task = stages.configured(stages.evaluate, config, config.orchestration.evaluate, refresh=force)
-    return task(config, trained, key=stages.evaluate_key(config, trained))
+    task = configured(stages.evaluate, config, config.orchestration.evaluate, refresh=force)
+    return task(config, trained, key=evaluate_key(config, trained))
 
 
 def _publish(config: PipelineConfig, evaluated: dict[str, Any], force: bool) -> dict[str, Any]:
-    task = stages.configured(stages.publish, config, config.orchestration.publish, refresh=force)
-    return task(config, evaluated, force, key=stages.publish_key(config, evaluated, force))
+    task = configured(stages.publish, config, config.orchestration.publish, refresh=force)
+    return task(config, evaluated, force, key=publish_key(config, evaluated, force))
 
 
 FLOWS = {

@@ -33,8 +33,8 @@ from uuid import UUID
 from lejepa.cli import USER_ERRORS, config_from, stage_parser
 from lejepa.config import ConfigError, PipelineConfig
 from lejepa.launch import LaunchError
-from lejepa.publish import CARD
-from lejepa.report import HTML_REPORT, text_table
+from lejepa.layout import CARD, HTML_REPORT
+from lejepa.report import text_table
 from lejepa.storage import Storage
 
 FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError)

@@ -1,4 +1,9 @@
-"""Resumable DeepSpeed checkpoints in the run folder, on any storage.
+"""Resumable training state in the run folder, on any storage.
+
+`CheckpointManager` owns every stateful part of a run (the DeepSpeed engine with the model, SIGReg's step,
+optimizer and scheduler; the data position; each rank's RNG; the online probe; the step and the seconds
+trained) and the checks before a commit: nothing non-finite is ever committed. `CheckpointStore` owns the
+files.
 
 Layout under `{run}/checkpoints/`: one folder per tag (`step00000100/`, DeepSpeed's own files) and
 `latest.json`, the commit point, written by rank 0 only after every rank's files are complete in storage.
@@ -16,23 +21,33 @@ Resuming reads them with `weights_only=True` instead: tensors, plain data and th
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
+import random
 import re
 import shutil
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from lejepa.layout import LATEST, checkpoints_url
 from lejepa.storage import Storage
 
-LATEST = "latest.json"
+if TYPE_CHECKING:
+    from lejepa.data import TrainStream
+    from lejepa.online_probe import OnlineProbe
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint resuming cannot or will not load; deleting the run's checkpoints restarts the run."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is left as the latest."""
 
 
 def _deepspeed_types() -> list[type]:
@@ -64,7 +79,7 @@ class CheckpointStore:
 
     def __init__(self, storage: Storage, run_url: str, keep: int = 2) -> None:
         self.storage = storage
-        self.url = f"{run_url}/checkpoints"
+        self.url = checkpoints_url(run_url)
         self.keep = keep
         self.local_dir = storage.local_dir(self.url)
         self.remote = storage.protocol != "file"
@@ -158,3 +173,99 @@ class CheckpointStore:
                 self.storage.rm(f"{self.url}/{tag}", recursive=True)
                 if self.remote:
                     shutil.rmtree(self.local_dir / tag, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as plain lists and tensors: checkpoints
+    load with weights_only=True, which refuses numpy arrays."""
+    generator, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [generator, key.tolist(), pos, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def weights_finite(engine: Any) -> bool:
+    """Whether every rank's parameters (its ZeRO-3 partition, where parameters are partitioned) are finite."""
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    device = next(engine.module.parameters()).device
+    flags = [t.isfinite().all() for t in params if t.numel()]
+    finite = torch.stack(flags).all().float() if flags else torch.ones((), device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+class CheckpointManager:
+    """Every stateful part of a training run, committed and restored together (collectives: every rank).
+
+    `step` and `trained_s` are the run's position, advanced by the loop. `verify` checks a batch of step
+    records and the weights; `commit` saves only a verified step, verifying it first if need be.
+    """
+
+    def __init__(
+        self, store: CheckpointStore, engine: Any, stream: TrainStream, probe: OnlineProbe | None
+    ) -> None:
+        self.store, self.engine, self.stream, self.probe = store, engine, stream, probe
+        self.step, self.trained_s = 0, 0.0
+        self.tag = ""  # the committed checkpoint, "" before the first
+        self._verified_step = -1
+
+    def restore(self) -> bool:
+        """Load the latest committed checkpoint into every part; False when the run has none yet."""
+        state = self.store.load(self.engine)
+        if state is None:
+            return False
+        self.step, self.trained_s = state["step"], state.get("trained_s", 0.0)
+        self.stream.load_state_dict(state["data"])
+        rngs, rank = state["rng"], dist.get_rank()
+        set_rng_state(rngs[rank] if len(rngs) == dist.get_world_size() else rngs[0])
+        if self.probe is not None and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
+        self.tag = self.store.latest()["tag"]
+        return True
+
+    def verify(self, records: list[dict[str, Any]]) -> None:
+        """Raise TrainingDiverged, on every rank alike, if a record's loss or any weight is not finite."""
+        losses = ("loss", "prediction", "sigreg")
+        bad = next((r for r in records if not all(math.isfinite(r[k]) for k in losses)), None)
+        if bad is None and weights_finite(self.engine):
+            self._verified_step = self.step
+            return
+        what = (
+            f"loss is {bad['loss']} at step {bad['step']}"
+            if bad
+            else f"weights are not finite at step {self.step}"
+        )
+        raise TrainingDiverged(
+            f"{what}: lower pretrain.lr or raise loss.lamb; "
+            f"the last good checkpoint ({self.tag or 'none'}) stays the latest"
+        )
+
+    def commit(self) -> str:
+        """Save every part at the current step and make it the latest checkpoint; returns its tag."""
+        if self._verified_step != self.step:
+            self.verify([])
+        rngs: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+        state = {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "rng": rngs,
+            "probe": self.probe.state_dict() if self.probe else None,
+            "trained_s": self.trained_s,
+        }
+        self.tag = self.store.save(self.engine, self.step, state)
+        return self.tag

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from lejepa.config import ConfigError, PipelineConfig, load_config
+from lejepa.errors import DataError
 from lejepa.lease import LeaseHeld
-from lejepa.sources import DataError
 from lejepa.storage import StorageError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, DataError, LeaseHeld)

@@ -34,9 +34,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lejepa.shard import ImageStats, ShardEntry, ShardManifest
-from lejepa.sources import DataError, image_member, iter_tar_samples
+from lejepa.errors import DataError
+from lejepa.manifest import ImageStats, ShardEntry, ShardManifest
 from lejepa.storage import Storage
+from lejepa.tarfiles import image_member, iter_tar_samples
 
 Transform = Callable[[torch.Tensor, torch.Generator], Any]
 

@@ -17,14 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lejepa.model import create_backbone
-from lejepa.sources import DataError
+from lejepa.errors import DataError
+from lejepa.layout import DESCRIPTION, PROJECTOR, RELEASE, WEIGHTS
+from lejepa.model import Encoder, create_backbone
 from lejepa.storage import Storage
 from lejepa.views import eval_view
-
-WEIGHTS, DESCRIPTION, PROJECTOR = "encoder.safetensors", "encoder.json", "projector.safetensors"
-RELEASE = "release.json"
-"""A release folder's list of its files' sha256 (written by lejepa.publish, which imports this module)."""
 
 
 class FrozenEncoder(nn.Module):
@@ -62,7 +59,7 @@ def encoder_description(
     std: list[float],
     projector: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """What `load_encoder` needs to rebuild the backbone; `projector` holds the projector's dimensions."""
+    """What `rebuild_backbone` needs to rebuild the backbone; `projector` holds the projector's dimensions."""
     return {
         "format": "lejepa-encoder/1",
         "backbone": backbone,
@@ -75,6 +72,24 @@ def encoder_description(
         "std": list(std),
         **({"projector": projector} if projector else {}),
     }
+
+
+def rebuild_backbone(description: dict[str, Any], with_projector: bool = False) -> nn.Module:
+    """The backbone an `encoder.json` describes, freshly initialised (its weights are loaded next); with
+    `with_projector`, the training `Encoder` (that backbone, then the projector the description records).
+
+    The one reader of the description's architecture: `load_encoder`, the evaluation's random-init baseline
+    and its held-out loss all rebuild through it.
+    """
+    architecture = {
+        "in_chans": description["in_chans"],
+        "img_size": description["img_size"],
+        "small_input": description["small_input"],
+        **description["backbone_kwargs"],
+    }
+    if with_projector:
+        return Encoder(description["backbone"], **architecture, **description["projector"])
+    return create_backbone(description["backbone"], **architecture)
 
 
 def _save_safetensors(module: nn.Module, storage: Storage, url: str) -> None:
@@ -107,12 +122,10 @@ def export_encoder(
     return f"{folder_url}/{DESCRIPTION}"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _folder(url: str, storage: Storage | None) -> tuple[str, Storage]:
+    """The export folder of `url` (the folder or its `encoder.json`), and a Storage bound to it."""
+    folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
+    return folder, storage.at(folder) if storage is not None else Storage(folder)
 
 
 def _check_release(storage: Storage, folder: str, digests: dict[str, str]) -> None:
@@ -137,8 +150,7 @@ def load_encoder(
     From a release folder, the files it reads must match their sha256 in `release.json` (else DataError,
     naming the file); a run folder has no release.json, and its files are not checksummed.
     """
-    folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
-    storage = storage.at(folder) if storage is not None else Storage(folder)
+    folder, storage = _folder(url, storage)
     try:
         raw_description = storage.read_bytes(f"{folder}/{DESCRIPTION}")
     except FileNotFoundError:
@@ -148,17 +160,14 @@ def load_encoder(
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / WEIGHTS
         storage.get_file(f"{folder}/{WEIGHTS}", local)
-        digests = {DESCRIPTION: hashlib.sha256(raw_description).hexdigest(), WEIGHTS: _sha256_file(local)}
+        digests = {
+            DESCRIPTION: hashlib.sha256(raw_description).hexdigest(),
+            WEIGHTS: Storage(tmp).sha256(str(local)),
+        }
         _check_release(storage, folder, digests)
         state = load_file(str(local))
     description = json.loads(raw_description)
-    backbone = create_backbone(
-        description["backbone"],
-        in_chans=description["in_chans"],
-        img_size=description["img_size"],
-        small_input=description["small_input"],
-        **description["backbone_kwargs"],
-    )
+    backbone = rebuild_backbone(description)
     backbone.load_state_dict(state, strict=True)
     return FrozenEncoder(backbone, description).to(device)
 
@@ -168,8 +177,7 @@ def warm_start(encoder: nn.Module, url: str, storage: Storage | None = None) -> 
 
     The architectures must match: a mismatch fails with the names of the differing tensors.
     """
-    folder = url[: -len(DESCRIPTION) - 1] if url.endswith(DESCRIPTION) else url.rstrip("/")
-    storage = storage.at(folder) if storage is not None else Storage(folder)
+    folder, storage = _folder(url, storage)
     if not storage.exists(f"{folder}/{WEIGHTS}"):
         raise FileNotFoundError(f"pretrain.init_from: no {WEIGHTS} at {folder}: point it at a release folder")
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,9 +22,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from lejepa.layout import LEASE
 from lejepa.storage import Storage
-
-LEASE = "lease.json"
 
 
 class LeaseHeld(RuntimeError):

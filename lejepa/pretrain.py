@@ -18,21 +18,17 @@ from typing import Any
 
 import yaml
 
+from lejepa import layout
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import SECRETS_ENV, PipelineConfig, blank_credentials, storage_secrets
 from lejepa.launch import LaunchError, launch
 from lejepa.lease import Lease
-from lejepa.shard import locate_manifest
+from lejepa.manifest import locate_manifest
 from lejepa.storage import Storage
 
 
 class PretrainFailed(RuntimeError):
     """A rank of the training launch failed; the message holds the launcher's exit status."""
-
-
-def run_url(cfg: PipelineConfig) -> str:
-    """The run folder of `cfg.pretrain.run_name`."""
-    return Storage.from_config(cfg.storage).url("runs", cfg.pretrain.run_name)
 
 
 def launch_inputs(cfg: PipelineConfig, folder: Path) -> tuple[list[str], dict[str, str]]:
@@ -86,6 +82,7 @@ def run_pretrain(
             program_args, handed = launch_inputs(cfg, folder)
             env = {**(env or {}), **handed}
         storage = Storage.from_config(cfg.storage)
+        run = layout.run_url(storage, cfg.pretrain.run_name)
         if not cfg.data.manifest and not dry_run:
             manifest = json.dumps(locate_manifest(cfg, storage))
             program_args = [*program_args, "--set", f"data.manifest={manifest}"]
@@ -97,13 +94,22 @@ def run_pretrain(
         ):
             status = launch(cfg, program_args, dry_run=dry_run, env=env)
         else:
-            with Lease(storage, run_url(cfg), "trained"):
+            with Lease(storage, run, "trained"):
                 status = launch(cfg, program_args, env=env)
     if status != 0:
         raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
     if dry_run:
         return {}
-    return storage.read_json(f"{run_url(cfg)}/summary.json")
+    return storage.read_json(f"{run}/{layout.SUMMARY}")
+
+
+def finished_run(cfg: PipelineConfig) -> dict[str, Any]:
+    """The summary.json of the finished run `pretrain.run_name`."""
+    storage = Storage.from_config(cfg.storage)
+    run = layout.run_url(storage, cfg.pretrain.run_name)
+    if not storage.exists(f"{run}/{layout.SUMMARY}"):
+        raise FileNotFoundError(f"no finished run at {run}: run the pretrain stage first")
+    return storage.read_json(f"{run}/{layout.SUMMARY}")
 
 
 def cli(argv: list[str] | None = None) -> int:

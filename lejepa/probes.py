@@ -19,12 +19,15 @@ seed gives the same draws on every device, and the same scores up to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from lejepa.sigreg import sliced_epps_pulley
+from lejepa.schedule import warmup_cosine
+from lejepa.sigreg import slice_directions, sliced_epps_pulley
 
 
 def _check(features: Tensor, labels: Tensor, name: str) -> None:
@@ -85,20 +88,8 @@ def linear_probe(
 
     parameters = [*norm.parameters(), *linear.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    total = epochs * math.ceil(len(x) / batch_size)
-    warmup = max(1, int(total * warmup_fraction))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-        ),
-    )
-    threads = torch.get_num_threads()
-    # Thousands of small steps: one thread is several times faster than a pool that must sync every op.
-    torch.set_num_threads(1)
-    try:
+    schedule = _warmup_then_cosine(optimizer, epochs * math.ceil(len(x) / batch_size), warmup_fraction)
+    with _one_thread():
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator).to(device, non_blocking=True)
             # One gather per epoch, then contiguous mini-batches: much cheaper than a gather per step.
@@ -108,11 +99,29 @@ def linear_probe(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         test = nn.functional.layer_norm(test_features, (dim,))
         return torch.cat([head(chunk).argmax(1) for chunk in test.split(8192)])
+
+
+def _warmup_then_cosine(
+    optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate rises linearly over the first `warmup_fraction` of `total` steps, then decays to 0
+    along a cosine: pretraining's own shape."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup_fraction))
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one CPU thread meanwhile: for thousands of small steps, one thread is several times faster
+    than a pool that must sync every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def knn_classify(
@@ -173,8 +182,7 @@ def sigreg_statistic(
     Computed on the embeddings as they are (no centring or scaling): LeJEPA asks for N(0, I) itself.
     Under that null the statistic stays O(1) whatever N; a collapse makes it grow with N.
     """
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(embeddings.shape[1], num_slices, generator=generator).to(embeddings.device)
-    directions /= directions.norm(dim=0, keepdim=True)
+    # Drawn on the CPU, then moved: the same directions, and so the same number, on every device.
+    directions = slice_directions(embeddings.shape[1], num_slices, seed).to(embeddings.device)
     with torch.no_grad():
         return sliced_epps_pulley(embeddings.float(), directions, knots, t_max, distributed=False).item()

@@ -35,15 +35,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lejepa import layout
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, blank_credentials, redacted
-from lejepa.evaluate import METRICS, sha256_of
-from lejepa.export import DESCRIPTION, PROJECTOR, WEIGHTS
+from lejepa.layout import CARD, DESCRIPTION, FIGURE, METRICS, PROJECTOR, RELEASE, WEIGHTS
 from lejepa.lease import Lease
-from lejepa.report import FIGURE, results_table, write_html_report
+from lejepa.report import results_table, write_html_report
 from lejepa.storage import Storage
 
-RELEASE, LATEST, CARD = "release.json", "latest.json", "README.md"
 # Fault injection for the crash-safety test: SIGKILL this process after N release files are written.
 CRASH_AFTER_ENV = "LEJEPA_PUBLISH_CRASH_AFTER"
 
@@ -71,7 +70,7 @@ def release_version(weights_sha256: str, now: datetime | None = None) -> str:
 
 def read_latest(storage: Storage, name: str) -> dict[str, Any] | None:
     """The `latest.json` pointer of model `name` ({version, model_uri, linear_probe_top1, ...}) or None."""
-    url = storage.url("models", name, LATEST)
+    url = layout.model_latest_url(storage, name)
     return storage.read_json(url) if storage.exists(url) else None
 
 
@@ -80,11 +79,11 @@ def resolve_model(storage: Storage, name: str, version: str = "latest") -> str:
     if version == "latest":
         latest = read_latest(storage, name)
         if latest is None:
-            raise PublishError(f"model '{name}' has no promoted release in {storage.url('models')}")
+            raise PublishError(f"model '{name}' has no promoted release in {layout.model_url(storage, name)}")
         return latest["model_uri"]
-    url = storage.url("models", name, version)
+    url = layout.model_url(storage, name, version)
     if not storage.exists(f"{url}/{RELEASE}"):
-        raise PublishError(f"no complete release {name}/{version} in {storage.url('models')}")
+        raise PublishError(f"no complete release {name}/{version} in {layout.model_url(storage, name)}")
     return url
 
 
@@ -92,7 +91,7 @@ def verify_release(storage: Storage, model_uri: str) -> dict[str, Any]:
     """The release's `release.json`, after checking every listed file against its sha256."""
     release = storage.read_json(f"{model_uri}/{RELEASE}")
     for name, entry in release["files"].items():
-        if sha256_of(storage, f"{model_uri}/{name}") != entry["sha256"]:
+        if storage.sha256(f"{model_uri}/{name}") != entry["sha256"]:
             raise PublishError(f"{model_uri}/{name} does not match its sha256 in {RELEASE}: republish it")
     return release
 
@@ -212,7 +211,7 @@ def _evaluated_run(storage: Storage, run_url: str) -> tuple[dict[str, Any], str]
     for needed, stage in ((DESCRIPTION, "pretrain"), (WEIGHTS, "pretrain"), (METRICS, "evaluate")):
         if not storage.exists(f"{run_url}/{needed}"):
             raise PublishError(f"{run_url} has no {needed}: run `lejepa-pipeline {stage}` first")
-    weights_sha256 = sha256_of(storage, f"{run_url}/{WEIGHTS}")
+    weights_sha256 = storage.sha256(f"{run_url}/{WEIGHTS}")
     metrics = storage.read_json(f"{run_url}/{METRICS}")
     if metrics.get("encoder", {}).get("sha256") != weights_sha256:
         raise PublishError(
@@ -225,7 +224,7 @@ def _free_version(storage: Storage, name: str, weights_sha256: str) -> tuple[str
     """(version, model_uri) of a release folder not taken yet (the caller holds the model's lease)."""
     version = base = release_version(weights_sha256)
     for attempt in itertools.count(2):  # the same weights published twice in one second get -2, -3, ...
-        model_uri = storage.url("models", name, version)
+        model_uri = layout.model_url(storage, name, version)
         if not storage.ls(model_uri):
             return version, model_uri
         version = f"{base}-{attempt}"
@@ -251,7 +250,7 @@ def _write_files(storage: Storage, run_url: str, model_uri: str, card: str) -> d
             else:
                 storage.get_file(f"{run_url}/{file_name}", local)
             storage.put_file(local, f"{model_uri}/{file_name}")
-            files[file_name] = {"sha256": sha256_of(local_storage, str(local)), "bytes": local.stat().st_size}
+            files[file_name] = {"sha256": local_storage.sha256(str(local)), "bytes": local.stat().st_size}
             if crash_after and len(files) >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     return files
@@ -264,12 +263,12 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
     two publishers of one model cannot interleave.
     """
     storage = Storage.from_config(cfg.storage)
-    run_url = storage.url("runs", cfg.pretrain.run_name)
+    run_url = layout.run_url(storage, cfg.pretrain.run_name)
     name = cfg.publish.name or cfg.pretrain.run_name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"publish.name: '{name}' must be letters, digits, '.', '_' or '-' (no slashes)")
     metrics, weights_sha256 = _evaluated_run(storage, run_url)
-    config_url = f"{run_url}/config.json"
+    config_url = f"{run_url}/{layout.CONFIG}"
     config = blank_credentials(storage.read_json(config_url)) if storage.exists(config_url) else redacted(cfg)
     top1 = metrics.get("linear_probe_top1")
     test_set = test_set_of(metrics)
@@ -278,7 +277,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
     # What the top-1 was measured on: the gate of the next release compares against it.
     dataset = {"manifest": metrics["dataset"]["manifest"], "test_set": test_set}
 
-    with Lease(storage, storage.url("models", name), "published"):
+    with Lease(storage, layout.model_url(storage, name), "published"):
         latest = read_latest(storage, name)
         promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force, test_set, raw_pixels)
         version, model_uri = _free_version(storage, name, weights_sha256)
@@ -306,7 +305,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
         storage.write_json(f"{model_uri}/{RELEASE}", release)  # the release's commit point
         if promoted:
             pointer = {"version": version, "model_uri": model_uri, "linear_probe_top1": top1, **dataset}
-            storage.write_json(storage.url("models", name, LATEST), {**pointer, "updated": now})
+            storage.write_json(layout.model_latest_url(storage, name), {**pointer, "updated": now})
     summary = PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
     write_html_report(storage, run_url, metrics, asdict(summary))  # the run's page now shows its release
     return summary

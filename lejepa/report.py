@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
-from lejepa.shard import ShardManifest  # noqa: E402
+from lejepa.layout import EVALUATION, FIGURE, HTML_REPORT  # noqa: E402
+from lejepa.manifest import ShardManifest  # noqa: E402
 from lejepa.storage import Storage  # noqa: E402
+from lejepa.training_log import read_training_log  # noqa: E402
 
-FIGURE, REPORT, HTML_REPORT = "evaluation.png", "evaluation.md", "report.html"
-TRAINING_LOG = "metrics.jsonl"
 CURVES = ("loss", "prediction", "sigreg", "probe_acc", "lr")  # the training log's columns the reports show
 MODEL_NAMES = {
     "encoder": "LeJEPA encoder",
@@ -287,6 +288,28 @@ def _release(release: dict[str, Any] | None) -> str:
     )
 
 
+def _overview(metrics: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
+    """The paragraph under the title: how long it trained, the architecture, the weights, the dataset."""
+    d, encoder = metrics["dataset"], metrics["encoder"]
+    description = encoder.get("description", {})
+    about = f"{description.get('backbone', 'encoder')} with {description.get('embed_dim', '?')}-d features"
+    splits = ", ".join(
+        f"{role} <code>{_e(s['split'])}</code> ({s['num_samples']} images)" for role, s in d["splits"].items()
+    )
+    trained = f"{history[-1]['step']} training steps, " if history else ""
+    return (
+        f'<p class="muted">{trained}{_e(about)}, weights sha256 <code>{_e(encoder["sha256"][:16])}</code>.\n'
+        f"Dataset <code>{_e(d['name'])}</code> version <code>{_e(d['version'])}</code>: {splits}.</p>"
+    )
+
+
+def _figure(png: bytes | None) -> str:
+    if not png:
+        return '<p class="muted">No figure.</p>'
+    embedded = base64.b64encode(png).decode()
+    return f'<img alt="training curves and evaluation" src="data:image/png;base64,{embedded}">'
+
+
 def html_report(
     metrics: dict[str, Any],
     history: Sequence[dict[str, Any]],
@@ -296,20 +319,7 @@ def html_report(
 ) -> str:
     """The run as one self-contained HTML page (see the module doc). `metrics["config"]` must already be
     redacted (lejepa.config.redacted): the page shows it as it is."""
-    d, encoder = metrics["dataset"], metrics["encoder"]
     run_name = metrics["run"].rstrip("/").rsplit("/", 1)[-1]
-    description = encoder.get("description", {})
-    about = f"{description.get('backbone', 'encoder')} with {description.get('embed_dim', '?')}-d features"
-    splits = ", ".join(
-        f"{role} <code>{_e(s['split'])}</code> ({s['num_samples']} images)" for role, s in d["splits"].items()
-    )
-    trained = f"{history[-1]['step']} training steps, " if history else ""
-    figure = (
-        f'<img alt="training curves and evaluation" src="data:image/png;base64,'
-        f'{base64.b64encode(figure_png).decode()}">'
-        if figure_png
-        else '<p class="muted">No figure.</p>'
-    )
     dataset = (
         _table(["split", "images", "shards"], [[r["split"], r["samples"], r["shards"]] for r in shards])
         if shards
@@ -324,8 +334,7 @@ def html_report(
 <title>LeJEPA run {_e(run_name)}</title><style>{STYLE}</style></head>
 <body>
 <h1>LeJEPA run <code>{_e(run_name)}</code></h1>
-<p class="muted">{trained}{_e(about)}, weights sha256 <code>{_e(encoder["sha256"][:16])}</code>.
-Dataset <code>{_e(d["name"])}</code> version <code>{_e(d["version"])}</code>: {splits}.</p>
+{_overview(metrics, history)}
 
 <h2>Results on the test split</h2>
 {_table(RESULT_COLUMNS, result_rows(metrics))}
@@ -334,11 +343,11 @@ Dataset <code>{_e(d["name"])}</code> version <code>{_e(d["version"])}</code>: {s
 {_release(release)}
 
 <h2>Training curves and evaluation</h2>
-{figure}
+{_figure(figure_png)}
 {_curves(history)}
 
 <h2>Dataset</h2>
-<p>Manifest <code>{_e(d["manifest"])}</code>.</p>
+<p>Manifest <code>{_e(metrics["dataset"]["manifest"])}</code>.</p>
 {dataset}
 
 <h2>Protocol</h2>
@@ -348,14 +357,6 @@ Dataset <code>{_e(d["name"])}</code> version <code>{_e(d["version"])}</code>: {s
 <details><summary>The run's config (storage credentials redacted)</summary><pre>{_e(config)}</pre></details>
 </body></html>
 """
-
-
-def read_training_log(storage: Storage, run_url: str) -> list[dict[str, Any]]:
-    """The run's per-step training records (rank 0's `metrics.jsonl`); [] when it has none."""
-    url = f"{run_url}/{TRAINING_LOG}"
-    if not storage.exists(url):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
 
 
 def write_html_report(
@@ -371,3 +372,45 @@ def write_html_report(
     page = html_report(metrics, read_training_log(storage, run_url), figure, shards, release)
     storage.write_bytes(url, page.encode())
     return url
+
+
+def write_evaluation_reports(storage: Storage, run_url: str, metrics: dict[str, Any]) -> tuple[str, str]:
+    """Write the evaluation's figure, its Markdown report and `report.html` into the run folder, from
+    `metrics` and the run's training log; returns the URLs of the figure and of the Markdown report."""
+    figure_url, report_url = f"{run_url}/{FIGURE}", f"{run_url}/{EVALUATION}"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_figure(read_training_log(storage, run_url), metrics, Path(tmp) / FIGURE)
+        storage.put_file(Path(tmp) / FIGURE, figure_url)
+    storage.write_bytes(report_url, write_report(metrics, FIGURE).encode())
+    write_html_report(storage, run_url, metrics)
+    return figure_url, report_url
+
+
+def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model scored (the encoder and its baselines), every score rounded to 4 places."""
+    rows = []
+    for model, scores in metrics.get("models", {}).items():
+        row: dict[str, Any] = {"model": model}
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+        rows.append(row)
+    return rows
+
+
+def training_curves_markdown(run_name: str, log: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The run's training curves in Markdown: a sparkline per column, then about 20 evenly spaced steps."""
+    columns = [c for c in CURVES if c in log[0]]
+    lines = [
+        f"# Training curves of run `{run_name}`",
+        "",
+        *(
+            f"- {c}: `{sparkline([r[c] for r in log])}` ({log[0][c]:.4g} -> {log[-1][c]:.4g})"
+            for c in columns
+        ),
+        "",
+        "| step | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        *(f"| {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |" for r in sampled(log)),
+        "",
+        f"Checkpoint: `{summary.get('checkpoint')}`; encoder: `{summary.get('encoder')}`.",
+    ]
+    return "\n".join(lines)

@@ -315,6 +315,14 @@ def sliced_epps_pulley(
         return _epps_pulley(cos_sums, sin_sums, knots, t_max).mean()
 
 
+def slice_directions(dim: int, num_slices: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """(dim, num_slices) unit-norm Gaussian directions from a generator on `device` seeded with `seed`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    gaussian = torch.randn(dim, num_slices, generator=generator, device=device)
+    return gaussian / gaussian.norm(dim=0, keepdim=True)
+
+
 class SIGReg(nn.Module):
     """SIGReg loss: Epps-Pulley statistic on `num_slices` fresh random directions per call.
 
@@ -343,10 +351,7 @@ class SIGReg(nn.Module):
         """The (dim, num_slices) unit-norm Gaussian directions used at `step`."""
         # The CPU generator (mt19937) only uses the low 32 bits of its seed, so (seed, step) is
         # mixed into 32 bits; consecutive steps of one run never share a seed.
-        generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 2_654_435_761 + step) % 2**32)
-        gaussian = torch.randn(dim, self.num_slices, generator=generator, device=device)
-        return gaussian / gaussian.norm(dim=0, keepdim=True)
+        return slice_directions(dim, self.num_slices, (self.seed * 2_654_435_761 + step) % 2**32, device)
 
     def _sync_step(self, device: torch.device) -> None:
         """Take rank 0's step under torch.distributed, and mirror the buffer on the host."""

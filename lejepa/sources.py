@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from lejepa.config import DataConfig
+from lejepa.errors import DataError
 from lejepa.storage import Storage
+from lejepa.tarfiles import image_member, iter_tar_samples
 
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -36,11 +38,6 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-
-
-class DataError(ValueError):
-    """A data problem a user can fix (missing path, no images, no manifest); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -254,91 +251,6 @@ class ImageFolder(Source):
 
 
 # -- webdataset ----------------------------------------------------------------------------------------
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key is everything before the first dot of the file name."""
-    directory, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(directory, stem), ext.lower()
-
-
-def _tar_number(field: bytes) -> int | None:
-    """A header number: octal digits, or GNU base-256 for members over 8 GiB; None when it is neither."""
-    if field[0] == 0x80:
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    return int(digits or b"0", 8) if re.fullmatch(rb"[0-7]*", digits) else None
-
-
-def _tar_name(raw: bytes) -> str:
-    # Tar names are bytes: a name that is not UTF-8 keeps its bytes as surrogates instead of failing.
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _tar_members(fileobj: Any, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream, with GNU long names and pax paths.
-
-    A small reader instead of tarfile, whose per-member cost exceeds decoding a small PNG. A damaged
-    header or a member cut short raises DataError naming `url` and the header's byte offset.
-    """
-    long_name, offset = None, 0
-
-    def corrupt(what: str) -> DataError:
-        return DataError(f"{url}: corrupt tar at byte {offset}: {what}")
-
-    while True:
-        header = fileobj.read(512)
-        if len(header) < 512 or header == bytes(512):
-            if header and header != bytes(512):
-                raise corrupt(f"the file ends inside a header ({len(header)} of 512 bytes): truncated")
-            return
-        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise corrupt("header checksum mismatch")
-        size, kind = _tar_number(header[124:136]), header[156:157]
-        if size is None:
-            raise corrupt(f"size field {header[124:136]!r} is not an octal number")
-        data, padding = fileobj.read(size), -size % 512
-        if len(data) < size or len(fileobj.read(padding)) < padding:
-            raise corrupt(f"a {size}-byte member runs past the end of the file: truncated")
-        offset += 512 + size + padding
-        if kind == b"L":
-            long_name = _tar_name(data.rstrip(b"\0"))
-        elif kind == b"x":
-            for record in data.split(b"\n"):
-                field = record.split(b" ", 1)[-1]
-                if field.startswith(b"path="):
-                    long_name = _tar_name(field[5:])
-        elif kind in (b"0", b"\0", b"7"):
-            name = _tar_name(header[:100].rstrip(b"\0"))
-            prefix = _tar_name(header[345:500].rstrip(b"\0")) if header[257:262] == b"ustar" else ""
-            yield long_name or (f"{prefix}/{name}" if prefix else name), data
-            long_name = None
-        else:  # directories, links, global pax headers
-            long_name = None
-
-
-def iter_tar_samples(fileobj: Any, url: str = "tar stream") -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream, members grouped by consecutive key.
-
-    `url` names the stream in the DataError a corrupt or truncated tar raises.
-    """
-    key, sample = None, {}
-    for name, data in _tar_members(fileobj, url):
-        if posixpath.basename(name).startswith("__"):
-            continue
-        k, ext = _split_member(name)
-        if k != key and sample:
-            yield key, sample
-            sample = {}
-        key = k
-        sample[ext] = data
-    if sample:
-        yield key, sample
-
-
-def image_member(sample: dict[str, bytes]) -> str | None:
-    return next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
 
 
 class WebDatasetSource(Source):

@@ -66,6 +66,66 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def fsspec_options(protocol: str, cfg: StorageConfig) -> dict[str, Any]:
+    """The keyword arguments of `fsspec.filesystem(protocol)` for the storage config `cfg`: the credentials,
+    endpoint, region and profile it names, then its `options` (which win)."""
+    # A launched rank's config holds no secret: the launcher hands them over in SECRETS_ENV. The config's
+    # own secrets, where it has any, win.
+    secrets = {**json.loads(os.environ.get(SECRETS_ENV) or "{}"), **storage_secrets(cfg)}
+    options = secrets.get("options", cfg.options)
+    if protocol != "s3":
+        return dict(options)
+    kwargs: dict[str, Any] = {"skip_instance_cache": True}
+    if cfg.endpoint_url:
+        kwargs["endpoint_url"] = cfg.endpoint_url
+    if cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"):
+        # S3-compatible stores (MinIO, Ceph, moto) often mishandle botocore's default aws-chunked
+        # uploads with trailing checksums, and decoding them costs the server dearly: send plain puts.
+        kwargs["config_kwargs"] = {
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+    if cfg.region:
+        kwargs["client_kwargs"] = {"region_name": cfg.region}
+    if cfg.profile:
+        kwargs["profile"] = cfg.profile
+    for field, kwarg in zip(CREDENTIAL_FIELDS, ("key", "secret", "token"), strict=True):
+        if secrets.get(field):
+            kwargs[kwarg] = secrets[field]
+    return {**kwargs, **options}
+
+
+@contextlib.contextmanager
+def _user_errors(storage: Storage, url: str) -> Iterator[None]:
+    """Turn credential and connection failures into a StorageError; let FileNotFoundError through."""
+    try:
+        yield
+    except PermissionError:
+        raise StorageError(
+            f"{storage.endpoint} refused access to {url}: check storage.access_key_id/secret_access_key "
+            "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE"
+        ) from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if storage.protocol == "file":
+            raise
+        raise StorageError(f"cannot reach {storage.endpoint} for {url}: {exc}") from None
+    except Exception as exc:  # botocore raises its own types for missing credentials and bad endpoints
+        if type(exc).__name__ == "NoCredentialsError":
+            raise StorageError(
+                f"no S3 credentials for {url}: set storage.access_key_id/secret_access_key, "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            ) from None
+        if type(exc).__name__ == "EndpointConnectionError":
+            raise StorageError(
+                f"cannot connect to S3 endpoint {storage.endpoint}: start it or fix storage.endpoint_url"
+            ) from None
+        if type(exc).__module__.startswith(("botocore", "aiobotocore")):
+            raise StorageError(f"S3 error at {storage.endpoint} for {url}: {exc}") from None
+        raise
+
+
 class Storage:
     """Filesystem access bound to a root URL and its options.
 
@@ -106,36 +166,9 @@ class Storage:
     def fs(self) -> fsspec.AbstractFileSystem:
         # One instance per process: a filesystem created before a fork must not be shared with the child.
         if self._fs is None or self._pid != os.getpid():
-            self._fs = fsspec.filesystem(self.protocol, **self._fs_kwargs())
+            self._fs = fsspec.filesystem(self.protocol, **fsspec_options(self.protocol, self.options))
             self._pid = os.getpid()
         return self._fs
-
-    def _fs_kwargs(self) -> dict[str, Any]:
-        o = self.options
-        # A launched rank's config holds no secret: the launcher hands them over in SECRETS_ENV. The config's
-        # own secrets, where it has any, win.
-        secrets = {**json.loads(os.environ.get(SECRETS_ENV) or "{}"), **storage_secrets(o)}
-        options = secrets.get("options", o.options)
-        if self.protocol != "s3":
-            return dict(options)
-        kwargs: dict[str, Any] = {"skip_instance_cache": True}
-        if o.endpoint_url:
-            kwargs["endpoint_url"] = o.endpoint_url
-        if o.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"):
-            # S3-compatible stores (MinIO, Ceph, moto) often mishandle botocore's default aws-chunked
-            # uploads with trailing checksums, and decoding them costs the server dearly: send plain puts.
-            kwargs["config_kwargs"] = {
-                "request_checksum_calculation": "when_required",
-                "response_checksum_validation": "when_required",
-            }
-        if o.region:
-            kwargs["client_kwargs"] = {"region_name": o.region}
-        if o.profile:
-            kwargs["profile"] = o.profile
-        for field, kwarg in zip(CREDENTIAL_FIELDS, ("key", "secret", "token"), strict=True):
-            if secrets.get(field):
-                kwargs[kwarg] = secrets[field]
-        return {**kwargs, **options}
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -173,15 +206,15 @@ class Storage:
 
     def open(self, url: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
         """An fsspec file object; for writing prefer `writer`, which is atomic."""
-        with self._errors(url):
+        with _user_errors(self, url):
             return self.fs.open(self._path(url), mode, **kwargs)
 
     def exists(self, url: str) -> bool:
-        with self._errors(url):
+        with _user_errors(self, url):
             return self.fs.exists(self._path(url))
 
     def read_bytes(self, url: str) -> bytes:
-        with self._errors(url):
+        with _user_errors(self, url):
             return self.fs.cat_file(self._path(url))
 
     def read_json(self, url: str) -> Any:
@@ -189,7 +222,7 @@ class Storage:
 
     def ls(self, url: str = "", detail: bool = False) -> list[Any]:
         """Entries directly under `url` (full URLs, or fsspec info dicts with detail=True); [] when absent."""
-        with self._errors(url):
+        with _user_errors(self, url):
             try:
                 entries = self.fs.ls(self._path(url), detail=True)
             except FileNotFoundError:
@@ -200,17 +233,25 @@ class Storage:
 
     def find(self, url: str = "") -> dict[str, dict[str, Any]]:
         """Every file below `url` (recursively): {full URL: fsspec info}."""
-        with self._errors(url):
+        with _user_errors(self, url):
             found = self.fs.find(self._path(url), detail=True)
         return {self._url(path): {**info, "name": self._url(path)} for path, info in sorted(found.items())}
 
     def info(self, url: str) -> dict[str, Any]:
-        with self._errors(url):
+        with _user_errors(self, url):
             return self.fs.info(self._path(url))
 
     def get_file(self, url: str, local: str | Path) -> None:
-        with self._errors(url):
+        with _user_errors(self, url):
             self.fs.get_file(self._path(url), str(local))
+
+    def sha256(self, url: str) -> str:
+        """The sha256 of the file at `url`, streamed."""
+        digest = hashlib.sha256()
+        with self.open(url, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -235,7 +276,7 @@ class Storage:
         with tempfile.NamedTemporaryFile(prefix=TMP_PREFIX) as f:
             yield f
             f.flush()
-            with self._errors(url):
+            with _user_errors(self, url):
                 self.fs.put_file(f.name, path)
 
     def write_bytes(self, url: str, data: bytes) -> None:
@@ -248,17 +289,17 @@ class Storage:
     def put_file(self, local: str | Path, url: str) -> None:
         """Copy a local file to `url` atomically."""
         if self.protocol != "file":  # one put is already atomic
-            with self._errors(url):
+            with _user_errors(self, url):
                 self.fs.put_file(str(local), self._path(url))
             return
         with self.writer(url) as dst, open(local, "rb") as src:
             shutil.copyfileobj(src, dst, 1 << 22)
 
     def rm(self, url: str, recursive: bool = False) -> None:
-        with self._errors(url):
+        with _user_errors(self, url):
             self.fs.rm(self._path(url), recursive=recursive)
 
-    # -- errors --------------------------------------------------------------------------------------
+    # -- checks --------------------------------------------------------------------------------------
 
     def check(self, write: bool = False) -> None:
         """Fail fast with one clear line when the root's bucket is missing or the credentials are refused."""
@@ -270,40 +311,10 @@ class Storage:
                     raise StorageError(f"cannot create storage root {self.root}: {exc.strerror}") from None
             return
         bucket = self._path(self.root).split("/", 1)[0]
-        with self._errors(self.root):
+        with _user_errors(self, self.root):
             try:
                 self.fs.ls(bucket, refresh=True)
             except FileNotFoundError:
                 raise StorageError(
                     f"bucket '{bucket}' does not exist at {self.endpoint}: create it or fix storage.root"
                 ) from None
-
-    @contextlib.contextmanager
-    def _errors(self, url: str) -> Iterator[None]:
-        """Turn credential and connection failures into a StorageError; let FileNotFoundError through."""
-        try:
-            yield
-        except PermissionError:
-            raise StorageError(
-                f"{self.endpoint} refused access to {url}: check storage.access_key_id/secret_access_key "
-                "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE"
-            ) from None
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if self.protocol == "file":
-                raise
-            raise StorageError(f"cannot reach {self.endpoint} for {url}: {exc}") from None
-        except Exception as exc:  # botocore raises its own types for missing credentials and bad endpoints
-            if type(exc).__name__ == "NoCredentialsError":
-                raise StorageError(
-                    f"no S3 credentials for {url}: set storage.access_key_id/secret_access_key, "
-                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-                ) from None
-            if type(exc).__name__ == "EndpointConnectionError":
-                raise StorageError(
-                    f"cannot connect to S3 endpoint {self.endpoint}: start it or fix storage.endpoint_url"
-                ) from None
-            if type(exc).__module__.startswith(("botocore", "aiobotocore")):
-                raise StorageError(f"S3 error at {self.endpoint} for {url}: {exc}") from None
-            raise

@@ -11,7 +11,8 @@ from conftest import image_key, make_imagefolder
 
 from lejepa.config import load_config
 from lejepa.data import TrainStream, eval_loader
-from lejepa.shard import ShardManifest, write_shards
+from lejepa.manifest import ShardManifest
+from lejepa.shard import write_shards
 from lejepa.storage import Storage
 
 

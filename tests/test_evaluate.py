@@ -15,9 +15,11 @@ from PIL import Image
 import lejepa.evaluate as evaluate
 from lejepa.config import PipelineConfig, load_config
 from lejepa.export import FrozenEncoder, encoder_description, export_encoder
+from lejepa.features import calibrate_batchnorm, extract_features, features_key, in_precision, on_device
+from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.model import Encoder, create_backbone
 from lejepa.probes import effective_rank
-from lejepa.shard import ShardManifest, locate_manifest, write_shards
+from lejepa.shard import write_shards
 from lejepa.storage import Storage
 from lejepa.views import eval_view
 
@@ -48,7 +50,7 @@ def _export_tiny_encoder(cfg: PipelineConfig, with_projector: bool) -> None:
     """An untrained resnet10t exported the way the pretrain stage does."""
     storage = Storage.from_config(cfg.storage)
     manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
-    size = manifest.image_size
+    size = manifest.longer_side
     encoder = Encoder(
         "resnet10t",
         in_chans=1,
@@ -142,7 +144,7 @@ def test_retry_reads_features_from_the_cache(
     def recompute(*args: object, **kwargs: object) -> None:
         raise AssertionError("features were recomputed despite the cache")
 
-    monkeypatch.setattr(evaluate, "extract_features", recompute)
+    monkeypatch.setattr("lejepa.features.extract_features", recompute)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     again = evaluate.run_evaluate(load_config(digits_run, overrides))
     assert again.linear_probe_top1 == evaluated["linear_probe_top1"]
@@ -157,9 +159,7 @@ def test_features_key_of_explicit_precisions_is_unchanged() -> None:
     cfg = load_config(None)
     manifest = SimpleNamespace(url="s3://bucket/datasets/digits/v1/manifest.json", version="v1")
     extractors = ["raw_pixels", "encoder", "random_init"]
-    keys = {
-        p: evaluate.features_key("ab" * 32, manifest, "test", extractors, p, cfg) for p in ("fp32", "bf16")
-    }
+    keys = {p: features_key("ab" * 32, manifest, "test", extractors, p, cfg) for p in ("fp32", "bf16")}
     assert keys == {"fp32": "312be0eee8a80e5a", "bf16": "07cedf1415a14960"}
 
 
@@ -193,13 +193,12 @@ def test_features_of_other_settings_are_not_read_from_the_cache(
     digits_run: Path, evaluated: dict, monkeypatch: pytest.MonkeyPatch, override: str
 ) -> None:
     computed: list[object] = []
-    extract = evaluate.extract_features
 
     def counting(*args: object, **kwargs: object) -> dict:
         computed.append(args)
-        return extract(*args, **kwargs)
+        return extract_features(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "extract_features", counting)
+    monkeypatch.setattr("lejepa.features.extract_features", counting)
     cfg = load_config(digits_run, [override])
     again = evaluate.run_evaluate(cfg)
     assert len(computed) == 2 and not any("cache" in note for note in again.notes)
@@ -242,7 +241,7 @@ def test_calibrated_batchnorm_holds_the_data_statistics() -> None:
     weights = backbone.conv1.weight.clone()
     images = torch.randint(0, 256, (192, 1, 32, 32), dtype=torch.uint8)
     rank_before = effective_rank(frozen(images))
-    evaluate.calibrate_batchnorm(frozen, images, batch_size=64)
+    calibrate_batchnorm(frozen, images, batch_size=64)
     assert not frozen.training
     with torch.no_grad():
         stem = backbone.conv1(eval_view(images, 32, [0.3], [0.3]))
@@ -263,8 +262,8 @@ def test_extraction_moves_images_to_the_device_and_features_back() -> None:
     }
     images = torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8)
     batches = [(images[:12], torch.arange(12)), (images[12:], torch.arange(12, 20))]
-    extractors = {"encoder": evaluate.in_precision(frozen, "fp32")}
-    features = evaluate.extract_features(extractors, evaluate.on_device(batches, torch.device("cpu")))
+    extractors = {"encoder": in_precision(frozen, "fp32")}
+    features = extract_features(extractors, on_device(batches, torch.device("cpu")))
     assert features["encoder"].dtype == torch.float32 and features["encoder"].device.type == "cpu"
     torch.testing.assert_close(features["encoder"], frozen(images))
     assert torch.equal(features["labels"], torch.arange(20))
@@ -275,10 +274,10 @@ def test_bf16_extraction_gives_float32_features_close_to_fp32() -> None:
     backbone = create_backbone("resnet18", in_chans=1, small_input=True)
     description = encoder_description("resnet18", {}, 1, 28, True, backbone.num_features, [0.3], [0.3])
     frozen = FrozenEncoder(backbone, description)
-    evaluate.calibrate_batchnorm(frozen, torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), 64)
+    calibrate_batchnorm(frozen, torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), 64)
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    exact = evaluate.in_precision(frozen, "fp32")(images)
-    fast = evaluate.in_precision(frozen, "bf16")(images)
+    exact = in_precision(frozen, "fp32")(images)
+    fast = in_precision(frozen, "bf16")(images)
     assert exact.dtype == fast.dtype == torch.float32
     assert not torch.equal(fast, exact)  # bf16 really ran
     assert torch.nn.functional.cosine_similarity(fast, exact).min() > 0.99

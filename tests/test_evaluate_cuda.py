@@ -15,6 +15,13 @@ from test_probes import CLASSES, _clusters
 import lejepa.evaluate as evaluate
 from lejepa.config import load_config
 from lejepa.export import FrozenEncoder, encoder_description
+from lejepa.features import (
+    calibrate_batchnorm,
+    extract_features,
+    in_precision,
+    on_device,
+    random_init_encoder,
+)
 from lejepa.model import create_backbone
 from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
 
@@ -44,14 +51,12 @@ def _on_cuda(module: torch.nn.Module) -> bool:
 
 def test_cuda_features_are_close_to_cpu_fp32() -> None:
     frozen = _encoder()
-    evaluate.calibrate_batchnorm(frozen, torch.cat([images for images, _ in _batches()]), 32)
+    calibrate_batchnorm(frozen, torch.cat([images for images, _ in _batches()]), 32)
     on_gpu = copy.deepcopy(frozen).to(CUDA)
-    exact = evaluate.extract_features(
-        {"f": evaluate.in_precision(frozen, "fp32")}, evaluate.on_device(_batches(), CPU)
-    )
+    exact = extract_features({"f": in_precision(frozen, "fp32")}, on_device(_batches(), CPU))
     for precision, tolerance in (("fp32", 0.999), ("bf16", 0.99)):
-        extractors = {"f": evaluate.in_precision(on_gpu, precision)}
-        features = evaluate.extract_features(extractors, evaluate.on_device(_batches(), CUDA))
+        extractors = {"f": in_precision(on_gpu, precision)}
+        features = extract_features(extractors, on_device(_batches(), CUDA))
         assert features["f"].dtype == torch.float32 and features["f"].device == CPU
         assert torch.equal(features["labels"], exact["labels"])
         assert torch.nn.functional.cosine_similarity(features["f"], exact["f"]).min() > tolerance, precision
@@ -60,18 +65,16 @@ def test_cuda_features_are_close_to_cpu_fp32() -> None:
 def test_random_init_baseline_is_calibrated_and_runs_on_the_device() -> None:
     description = _encoder().description
     images = torch.cat([images for images, _ in _batches()])
-    on_cpu = evaluate.random_init_encoder(description, seed=0)
-    on_gpu = evaluate.random_init_encoder(description, seed=0).to(CUDA)
-    evaluate.calibrate_batchnorm(on_cpu, images, 32)
-    evaluate.calibrate_batchnorm(on_gpu, images.to(CUDA), 32)
+    on_cpu = random_init_encoder(description, seed=0)
+    on_gpu = random_init_encoder(description, seed=0).to(CUDA)
+    calibrate_batchnorm(on_cpu, images, 32)
+    calibrate_batchnorm(on_gpu, images.to(CUDA), 32)
     assert _on_cuda(on_gpu) and not on_gpu.training
     assert torch.equal(on_gpu.backbone.conv1.weight.cpu(), on_cpu.backbone.conv1.weight)  # the same init
     torch.testing.assert_close(
         on_gpu.backbone.bn1.running_mean.cpu(), on_cpu.backbone.bn1.running_mean, rtol=1e-2, atol=1e-3
     )
-    features = evaluate.extract_features(
-        {"f": evaluate.in_precision(on_gpu, "bf16")}, evaluate.on_device(_batches(), CUDA)
-    )
+    features = extract_features({"f": in_precision(on_gpu, "bf16")}, on_device(_batches(), CUDA))
     assert torch.nn.functional.cosine_similarity(features["f"], on_cpu(images)).min() > 0.99
 
 

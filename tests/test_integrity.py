@@ -17,11 +17,13 @@ from test_publish import _evaluated_run
 
 from lejepa.config import load_config
 from lejepa.data import TrainStream, eval_loader
+from lejepa.errors import DataError
 from lejepa.export import load_encoder
+from lejepa.manifest import ShardManifest
 from lejepa.publish import run_publish
-from lejepa.shard import ShardManifest, write_shards
-from lejepa.sources import DataError, iter_tar_samples
+from lejepa.shard import write_shards
 from lejepa.storage import Storage
+from lejepa.tarfiles import iter_tar_samples
 
 PER_CLASS = 10
 

@@ -17,8 +17,9 @@ from test_train import pretrain, write_config
 
 from lejepa import evaluate
 from lejepa.config import load_config
+from lejepa.manifest import ShardManifest, latest_manifest_url, locate_manifest
 from lejepa.pretrain import PretrainFailed
-from lejepa.shard import ShardManifest, latest_manifest_url, locate_manifest, write_shards
+from lejepa.shard import write_shards
 from lejepa.storage import Storage
 
 

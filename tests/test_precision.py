@@ -6,7 +6,7 @@ import pytest
 
 from lejepa import precision
 from lejepa.config import load_config
-from lejepa.train import deepspeed_config
+from lejepa.engine import deepspeed_config
 
 
 @pytest.mark.parametrize("native", [True, False])

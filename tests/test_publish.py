@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.evaluate import sha256_of
 from lejepa.export import encoder_description, export_encoder, load_encoder
-from lejepa.lease import LEASE, Lease
+from lejepa.layout import LEASE, RELEASE
+from lejepa.lease import Lease
 from lejepa.model import create_backbone
-from lejepa.publish import CRASH_AFTER_ENV, RELEASE, cli, read_latest, run_publish, verify_release
+from lejepa.publish import CRASH_AFTER_ENV, cli, read_latest, run_publish, verify_release
 from lejepa.storage import Storage
 
 SECRET = "do-not-leak-this-secret"
@@ -63,7 +63,7 @@ def _evaluated_run(
             "run": run_url,
             "encoder": {
                 "url": run_url,
-                "sha256": sha256_of(storage, f"{run_url}/encoder.safetensors"),
+                "sha256": storage.sha256(f"{run_url}/encoder.safetensors"),
                 "description": description,
             },
             "dataset": {

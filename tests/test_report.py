@@ -17,9 +17,8 @@ import pytest
 
 from flows.run import ConsoleView, summary, ui_command
 from lejepa.config import load_config, redacted
+from lejepa.layout import FIGURE, HTML_REPORT
 from lejepa.report import (
-    FIGURE,
-    HTML_REPORT,
     html_report,
     results_table,
     text_table,

@@ -22,17 +22,12 @@ from PIL import Image
 
 from lejepa.config import StorageConfig, load_config
 from lejepa.data import eval_loader
-from lejepa.lease import LEASE, Lease
-from lejepa.shard import (
-    CRASH_AFTER_ENV,
-    ShardManifest,
-    cli,
-    latest_manifest_url,
-    manifest_url_for,
-    write_shards,
-)
-from lejepa.sources import iter_tar_samples
+from lejepa.layout import LEASE
+from lejepa.lease import Lease
+from lejepa.manifest import ShardManifest, latest_manifest_url, manifest_url_for
+from lejepa.shard import CRASH_AFTER_ENV, cli, write_shards
 from lejepa.storage import Storage, StorageError
+from lejepa.tarfiles import iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 

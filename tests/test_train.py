@@ -208,7 +208,7 @@ def test_checkpoints_and_resume_on_s3(
 
 
 def test_online_probe_starts_equal_on_every_rank_and_skips_unlabelled_samples() -> None:
-    from lejepa.train import OnlineProbe
+    from lejepa.online_probe import OnlineProbe
 
     torch.manual_seed(1)  # each rank seeds its global RNG with seed + rank
     first = OnlineProbe(8, 3, torch.device("cpu"), seed=0)

@@ -1,0 +1,141 @@
+"""Building what a rank trains: the process group, the LeJEPA model and its DeepSpeed engine.
+
+`build_engine` wraps the encoder and the loss in one module (one forward gives the loss), gives it plain
+torch AdamW (DeepSpeed's fused optimizers need CUDA) with the warm-up + cosine schedule, and hands both to
+`deepspeed.initialize` with the JSON `deepspeed_config` makes from the pretrain section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lejepa.config import ConfigError, PipelineConfig
+from lejepa.loss import LeJEPALoss, lejepa_loss
+from lejepa.model import Encoder, keep_norm_statistics_fp32
+from lejepa.precision import resolve_precision
+from lejepa.schedule import warmup_cosine
+from lejepa.sigreg import SIGReg
+
+
+class LeJEPAModel(nn.Module):
+    """What DeepSpeed trains: encoder + projector with the loss, so one forward gives the loss."""
+
+    def __init__(self, encoder: Encoder, sigreg: SIGReg, lamb: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.sigreg = sigreg
+        self.lamb = lamb
+
+    def forward(self, global_views: Tensor, local_views: Tensor) -> tuple[LeJEPALoss, Tensor]:
+        embeddings, projections = self.encoder.forward_views(global_views, local_views)
+        return lejepa_loss(projections, global_views.shape[0], self.sigreg, self.lamb), embeddings
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group (or make a group of one); returns rank, world size, device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # started by hand: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    use_cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; keys of `pretrain.deepspeed_config` (a file) override ours."""
+    p = cfg.pretrain
+    bf16 = resolve_precision(p.precision, "cuda" if use_cuda else "cpu") == "bf16"
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": p.batch_size,
+        "gradient_accumulation_steps": p.grad_accum,
+        "train_batch_size": p.batch_size * p.grad_accum * world_size,
+        "gradient_clipping": p.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": p.zero_stage},
+        # Our optimizer is plain torch AdamW (DeepSpeed's fused one needs CUDA): allow it under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config is None:
+        return generated
+    path = Path(p.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"pretrain.deepspeed_config: {path} does not exist: pass a DeepSpeed JSON file")
+    try:
+        override = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"pretrain.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    return _merge(generated, override)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
+    return merged
+
+
+def _is_vit(backbone: str) -> bool:
+    return any(key in backbone for key in ("vit", "deit", "eva", "beit"))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Norm weights and biases are 1-D: decaying them only shrinks the scales LayerNorm/BN learn.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(
+    cfg: PipelineConfig, encoder: Encoder, world: int, device: torch.device, total_steps: Callable[[], int]
+) -> tuple[Any, torch.dtype]:
+    """The DeepSpeed engine that trains `encoder` on the LeJEPA loss, and the dtype its inputs take.
+
+    `total_steps` is read at every scheduler step: under a time budget the step count moves, and the
+    cosine follows it.
+    """
+    import deepspeed
+
+    p = cfg.pretrain
+    sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed)
+    model = LeJEPAModel(encoder, sigreg, cfg.loss.lamb)
+    ds_config = deepspeed_config(cfg, world, device.type == "cuda")
+    optimizer, scheduler = None, None
+    if "optimizer" not in ds_config:
+        vit = _is_vit(cfg.model.backbone)
+        weight_decay = p.weight_decay if p.weight_decay is not None else (5e-2 if vit else 5e-4)
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=p.lr)
+        if "scheduler" not in ds_config:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step: warmup_cosine(step, total_steps(), p.warmup_fraction, p.min_lr_ratio),
+            )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if not ds_config["bf16"]["enabled"]:
+        return engine, torch.float32
+    keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
+    return engine, torch.bfloat16

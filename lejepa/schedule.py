@@ -1,0 +1,38 @@
+"""How long pretraining runs and at what rate: the step budget, and the warm-up + cosine learning-rate
+shape that pretraining and the linear probe share."""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_fraction: float, min_ratio: float = 0.0) -> float:
+    """LR multiplier at `step`: linear warm-up over the first steps, then a cosine down to `min_ratio`."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepBudget:
+    """How many steps the run takes: fixed, or under `pretrain.time_budget_s` re-estimated from the pace.
+
+    `update` gets the same numbers on every rank (the slowest rank's training seconds), so every rank
+    computes the same total, the same learning rate and stops at the same step.
+    """
+
+    def __init__(self, upper: int, seconds: float | None) -> None:
+        self.total, self.upper, self.seconds = upper, upper, seconds
+        self.since_step, self.since_s = 0, 0.0  # where this attempt's pace is measured from
+
+    def resume_at(self, step: int, trained_s: float) -> None:
+        """Measure the pace from here: a resumed attempt may run on another machine."""
+        self.since_step, self.since_s = step, trained_s
+
+    def update(self, step: int, trained_s: float) -> None:
+        if self.seconds is None or step <= self.since_step:
+            return
+        pace = (trained_s - self.since_s) / (step - self.since_step)
+        remaining = max(0.0, self.seconds - trained_s)
+        self.total = min(self.upper, step + int(remaining / max(pace, 1e-9)))
