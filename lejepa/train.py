@@ -316,9 +316,9 @@ class Trainer:
                 if state.step % p.checkpoint_every == 0 or state.step % p.log_every == 0 or self._done():
                     self._flush()
                 if state.step % p.checkpoint_every == 0 or self._done():
-                    state.commit()
-                    if self.rank == 0:
+                    if self.rank == 0:  # the log first: a resume trims what lies past its checkpoint
                         self.metrics.sync()
+                    state.commit()
         finally:
             self.progress.close()
         return self.final_loss
