@@ -19,19 +19,32 @@ class StepBudget:
     """How many steps the run takes: fixed, or under `pretrain.time_budget_s` re-estimated from the pace.
 
     `update` gets the same numbers on every rank (the slowest rank's training seconds), so every rank
-    computes the same total, the same learning rate and stops at the same step.
+    computes the same total, the same learning rate and stops at the same step. A timed attempt re-plans
+    after each of its first `EARLY_STEPS` steps (`due`), so its warm-up follows the real total from its fourth
+    step on (a step's rate is set as the one before ends), not the `upper` bound it starts from. The first
+    step, which carries one-off start-up costs, is left out of the pace.
     """
+
+    EARLY_STEPS = 10
 
     def __init__(self, upper: int, seconds: float | None) -> None:
         self.total, self.upper, self.seconds = upper, upper, seconds
         self.since_step, self.since_s = 0, 0.0  # where this attempt's pace is measured from
+        self.first_step = 1
 
     def resume_at(self, step: int, trained_s: float) -> None:
         """Measure the pace from here: a resumed attempt may run on another machine."""
-        self.since_step, self.since_s = step, trained_s
+        self.since_step, self.since_s, self.first_step = step, trained_s, step + 1
+
+    def due(self, step: int) -> bool:
+        """Whether `step` should re-plan even between logging steps: a timed attempt's first steps."""
+        return self.seconds is not None and step < self.first_step + self.EARLY_STEPS
 
     def update(self, step: int, trained_s: float) -> None:
         if self.seconds is None or step <= self.since_step:
+            return
+        if step == self.first_step:  # start-up costs: measure the pace from the end of this step
+            self.since_step, self.since_s = step, trained_s
             return
         pace = (trained_s - self.since_s) / (step - self.since_step)
         remaining = max(0.0, self.seconds - trained_s)

@@ -313,7 +313,8 @@ class Trainer:
                 state.trained_s += elapsed
                 epoch = self.inputs.stream.state_dict()["epoch"]
                 self.pending.add(stats, state.step, epoch, lr, elapsed, waited)
-                if state.step % p.checkpoint_every == 0 or state.step % p.log_every == 0 or self._done():
+                due = state.step % p.checkpoint_every == 0 or state.step % p.log_every == 0
+                if due or self._done() or self.budget.due(state.step):
                     self._flush()
                 if state.step % p.checkpoint_every == 0 or self._done():
                     if self.rank == 0:  # the log first: a resume trims what lies past its checkpoint

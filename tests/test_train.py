@@ -229,7 +229,7 @@ def test_time_budget_ends_the_run_and_its_schedule_on_time(tmp_path: Path, store
         tmp_path / "cfg.yaml",
         store,
         "budget",
-        pretrain={"max_steps": 10_000, "time_budget_s": 15, "log_every": 2, "checkpoint_every": 1000},
+        pretrain={"max_steps": 10_000, "time_budget_s": 15, "log_every": 10, "checkpoint_every": 1000},
     )
     summary = pretrain(config)
     log = metrics(summary["run_dir"])
@@ -238,4 +238,5 @@ def test_time_budget_ends_the_run_and_its_schedule_on_time(tmp_path: Path, store
     assert 0.9 * 15 <= trained <= 2 * 15, f"trained {trained:.1f} s of a 15 s budget"
     peak = max(r["lr"] for r in log)
     assert log[-1]["lr"] < 0.25 * peak  # the cosine reached its end with the budget, not with max_steps
+    assert log[3]["lr"] > 0.1 * peak  # the warm-up is planned on the budget from step 2, used from step 4
     assert json.loads(Path(summary["checkpoint"], "..", "latest.json").read_text())["step"] == len(log)
