@@ -5,7 +5,8 @@
 Both sides train the demo's model and views (`infra/cpu.yaml` with the demo's settings) for the same fixed
 number of steps on the same Fashion-MNIST shards, alternating, each in a fresh run:
 - flow: `lejepa-pipeline demo`, the whole Prefect flow (the flow engine, its temporary API server and the
-  rank logs streamed into the task's log) around the pretrain stage;
+  rank logs streamed into the task's log) around the pretrain stage (its evaluation, after the measured
+  steps, cut short);
 - alone: `lejepa-pipeline pretrain`, the stage's own command, no Prefect involved.
 A run's step time is the median of its per-step seconds in `metrics.jsonl` (its first 5 steps left out).
 Target: alone / flow >= 0.95, i.e. the flow slows the ranks by at most 5%. Prints a line per run (with the
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             run = [f"storage.root={root}", f"pretrain.run_name={name}", "pretrain.time_budget_s=null"]
             run += [f"pretrain.max_steps={args.steps}"]
             stage = ["demo"] if side == "flow" else ["pretrain", "--config", str(DEMO_PROFILE), *demo]
+            if side == "flow":  # evaluation comes after the measured steps: keep it short
+                run += ["evaluate.baselines=false", "evaluate.probe_epochs=1"]
             wall, cpu = _run([PIPELINE, *stage, *(a for setting in run for a in ("--set", setting))])
             rows.append(
                 {"side": side, "step_s": _step_seconds(root, name, batch_size), "wall_s": wall, "cpu_s": cpu}
