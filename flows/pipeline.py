@@ -2,7 +2,8 @@
 
 Every flow takes the typed `PipelineConfig` as its `config` parameter, so the UI's Run form shows every
 option with its default and validates it, plus flags (`force`, `continual`). Flows only compose: the
-stages' work is in `lejepa/`, their retries, caching and artifacts in `tasks/stages.py`.
+stages' work is in `lejepa/`, their tasks in `tasks/stages.py`, the tasks' cache keys, retries and result
+storage in `tasks/options.py`, and what the UI shows in `tasks/artifacts.py`.
 
 The dataset is resolved once: after the shard stage (or from `data.manifest`, which skips it), the flow
 sets `data.manifest` to that manifest, so pretraining, every rank and evaluation read exactly it.
