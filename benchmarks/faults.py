@@ -59,23 +59,22 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+
+from lejepa.testing import moto_server, processes_with
 
 BIN = Path(sys.executable).parent
 STAGES = ("shard", "pretrain", "publish")
@@ -258,18 +257,7 @@ def release_problems(store: Store, name: str) -> tuple[list[str], bytes | None]:
 
 def marked_processes(mark: str) -> list[int]:
     """Processes whose environment holds MARK=<mark> exactly, or MARK=<mark>/... (every trial of a run)."""
-    wanted = f"{MARK}={mark}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(v == wanted or v.startswith(wanted + b"/") for v in environ):
-            found.append(int(entry.name))
-    return found
+    return processes_with(f"{MARK}={mark}", or_below=True)
 
 
 def kill_marked(mark: str) -> int:
@@ -615,38 +603,6 @@ TRIALS = {"shard": shard_trial, "pretrain": pretrain_trial, "publish": publish_t
 
 
 # -- stores, table, main ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def moto_server(log: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # any HTTP answer means it is up
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint} (see {log})") from None
-                time.sleep(0.05)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def table(trials: list[Trial], reference_s: dict[str, float]) -> str:

@@ -12,20 +12,15 @@ timed with the training views (MultiCropViews from the default config) against o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import itertools
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,29 +30,7 @@ from lejepa.manifest import ShardManifest
 from lejepa.shard import write_shards
 from lejepa.sources import FashionMNIST
 from lejepa.storage import Storage
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait()
+from lejepa.testing import moto_server
 
 
 def naive_shard(limit: int | None, samples_per_shard: int, copy: Callable[[Path], None]) -> float:

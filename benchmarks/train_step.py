@@ -13,8 +13,10 @@ warm-up, on the same device (CUDA when there is a GPU, else the CPU):
   arithmetic.
 
 On the CPU each side's rate is the median over its timed steps. On CUDA, where a step's host time says
-little (the host runs ahead of the device), it is the timed steps' images over their total wall time,
-from the first timed step to the device finishing the last.
+little (the host runs ahead of the device), it is the timed steps' images over their total wall time:
+the plain loop's from the first timed step to the device finishing the last; ours from its metrics log,
+where each step's time includes its share of the wait for the device at the next log line (the timed
+steps start on a log line: `--warmup` is a multiple of `pretrain.log_every`).
 
 Targets: ours >= 0.9x the baseline's images/s on the CPU, >= 0.95x on CUDA; data wait < 5%.
 
@@ -29,6 +31,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -58,9 +61,15 @@ def ours(cfg: PipelineConfig, warmup: int, cuda: bool) -> tuple[float, float]:
 
 
 def plain_loop(
-    cfg: PipelineConfig, manifest: ShardManifest, device: torch.device, bf16: bool, warmup: int, steps: int
+    cfg: PipelineConfig,
+    manifest: ShardManifest,
+    device: torch.device,
+    bf16: bool,
+    warmup: int,
+    steps: int,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """The plain loop's images/s on precomputed views, on `device`."""
+    """The plain loop's images/s on precomputed views, on `device`; `after_step` is called after each step."""
     torch.manual_seed(cfg.seed)
     trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
     for module in (trainer.encoder, trainer.sigreg, trainer.views):
@@ -78,12 +87,35 @@ def plain_loop(
         tick = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             trainer.step_on_views(*views[step % len(views)])
+        if after_step is not None:
+            after_step()
         if step >= warmup:
             rates.append(batch / (time.perf_counter() - tick))
     if device.type == "cuda":
         torch.cuda.synchronize()
         return steps * batch / (time.perf_counter() - started)
     return statistics.median(rates)
+
+
+def sharded_run(
+    config: str | None, root: str, run_name: str, steps: int, sets: list[str]
+) -> tuple[PipelineConfig, ShardManifest]:
+    """A benchmark run's config (a store in `root`, `steps` steps, no checkpoint before the end) and the
+    manifest of its dataset, sharded there (the first 20,000 images)."""
+    cfg = load_config(
+        config,
+        [
+            f"storage.root={root}",
+            "data.limit=20000",
+            f"pretrain.run_name={run_name}",
+            f"pretrain.max_steps={steps}",
+            f"pretrain.checkpoint_every={10**6}",
+            *sets,
+        ],
+    )
+    write_shards(cfg, progress=False)
+    storage = Storage.from_config(cfg.storage)
+    return cfg, ShardManifest.load(storage, locate_manifest(cfg, storage))
 
 
 def main() -> None:
@@ -99,20 +131,7 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
 
     with tempfile.TemporaryDirectory() as root:
-        cfg = load_config(
-            args.config,
-            [
-                f"storage.root={root}",
-                "data.limit=20000",
-                "pretrain.run_name=train-step-benchmark",
-                f"pretrain.max_steps={warmup + steps}",
-                f"pretrain.checkpoint_every={10**6}",
-                *args.set,
-            ],
-        )
-        write_shards(cfg, progress=False)
-        storage = Storage.from_config(cfg.storage)
-        manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+        cfg, manifest = sharded_run(args.config, root, "train-step-benchmark", warmup + steps, args.set)
         our_rate, data_wait = ours(cfg, warmup, cuda)
         gc.collect()
         if cuda:

@@ -2,10 +2,11 @@
 # The GPU check, for a bare CUDA machine with its own torch and no internet (sized for < 8 min on one H100):
 #   1. the CUDA tests (SIGReg, training on one GPU rank over NCCL, evaluation on the device) and the launcher's
 #      option and error tests against this machine's torch;
-#   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml);
+#   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml, ZeRO 2
+#      and 1), and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
 #   3. shard -> pretrain -> evaluate -> publish of Fashion-MNIST with infra/gpu.yaml;
-#   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, then in the
-#      loader, against the plain loop;
+#   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, against
+#      the plain loop, and its profile;
 # then prints one table. Each part has its own time limit and a failure does not stop the others.
 #
 #   bash infra/gpu_check.sh          (PY=python3 by default; logs and the table go to $OUT, or a temp folder)
@@ -55,12 +56,13 @@ part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sigreg_cuda
     "tests/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted"
 part sigreg 120 "$PY" benchmarks/sigreg.py --device cuda
 part train_step 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml
-part train_step_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=0 \
+part train_step_zero1 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=1 \
     --steps 30
+part step_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml --out "$OUT/step_profile.txt"
 
 STORE=$WORK/store
-SETS=(--config infra/gpu.yaml --set "storage.root=$STORE" --set pretrain.max_steps=400
-      --set pretrain.checkpoint_every=200)
+SETS=(--config infra/gpu.yaml --set "storage.root=$STORE" --set pretrain.max_steps=300
+      --set pretrain.checkpoint_every=150)
 part shard 90 "$PY" -m lejepa.shard "${SETS[@]}"
 part pretrain 240 "$PY" -m lejepa.pretrain "${SETS[@]}"
 part evaluate 150 "$PY" -m lejepa.evaluate "${SETS[@]}"
@@ -72,9 +74,9 @@ VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.bac
          --set pretrain.batch_size=128 --set pretrain.num_workers=12)
 part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 4096 --size 256
 part vit_s16_device 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
-    --set views.on_device=true --steps 30 --warmup 8
-part vit_s16_loader 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
-    --set views.on_device=false --steps 20 --warmup 5
+    --set views.on_device=true --steps 30 --warmup 10
+part vit_s16_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml "${VIT_S16[@]}" \
+    --set views.on_device=true --steps 3 --warmup 5 --out "$OUT/vit_s16_profile.txt"
 
 "$PY" - "$OUT" "$STORE" <<'PY'
 """One table: every part's status and time, with the numbers it measured."""
@@ -102,6 +104,13 @@ for line in (out / "parts.txt").read_text().splitlines():
             f"ours {r['ours_images_per_s']:.0f} img/s vs plain {r['plain_images_per_s']:.0f}: "
             f"{r['ratio']:.3f}x, data wait {100 * r['data_wait']:.1f}%"
             for r in results
+        )
+    elif name.endswith("profile"):
+        sides = re.findall(r"^== (.*?): .*\nwall per step: ([\d.]+) ms(?:\ndevice busy per step: ([\d.]+) ms)?", log, re.M)
+        waits = re.findall(r"^host waits per step: (.*)$", log, re.M)
+        what = "; ".join(
+            f"{side}: {wall} ms a step, device busy {busy or '?'} ms, host waits: {wait}"
+            for (side, wall, busy), wait in zip(sides, waits)
         )
     elif name == "pretrain" and (store / "runs").exists():
         run = next((store / "runs").iterdir())

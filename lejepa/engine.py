@@ -1,8 +1,16 @@
 """Building what a rank trains: the process group, the LeJEPA model and its DeepSpeed engine.
 
-`build_engine` wraps the encoder and the loss in one module (one forward gives the loss), gives it plain
-torch AdamW (DeepSpeed's fused optimizers need CUDA) with the warm-up + cosine schedule, and hands both to
-`deepspeed.initialize` with the JSON `deepspeed_config` makes from the pretrain section.
+`build_engine` wraps the encoder and the loss in one module (one forward gives the loss), gives it
+`DeviceAdamW` (torch's fused AdamW, clipping and skipping non-finite steps on the device) with the
+warm-up + cosine schedule, and hands both to `deepspeed.initialize` with the JSON `deepspeed_config`
+makes from the pretrain section.
+
+Nothing in a training step waits for the device. DeepSpeed does by default, several times a step: its
+throughput timer synchronizes the device around every step, and under bf16 its overflow check and its
+gradient clipping each read a value back to the host. The generated JSON turns the three off, and the
+optimizer clips and skips instead. (With a DeepSpeed optimizer from `pretrain.deepspeed_config`,
+DeepSpeed clips and checks again. Two paths keep one wait a step: ZeRO-3, whose step checks its norm
+on the host, and ZeRO 1-2 in fp32.)
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from torch import Tensor, nn
 from lejepa.config import ConfigError, PipelineConfig
 from lejepa.loss import LeJEPALoss, lejepa_loss
 from lejepa.model import Encoder, keep_norm_statistics_fp32
+from lejepa.optimizer import DeviceAdamW
 from lejepa.precision import resolve_precision
 from lejepa.schedule import warmup_cosine
 from lejepa.sigreg import SIGReg
@@ -68,11 +77,14 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> di
         "train_micro_batch_size_per_gpu": p.batch_size,
         "gradient_accumulation_steps": p.grad_accum,
         "train_batch_size": p.batch_size * p.grad_accum * world_size,
-        "gradient_clipping": p.grad_clip,
-        "bf16": {"enabled": bf16},
+        # DeviceAdamW clips at pretrain.grad_clip and skips non-finite steps without a host read.
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
         "zero_optimization": {"stage": p.zero_stage},
-        # Our optimizer is plain torch AdamW (DeepSpeed's fused one needs CUDA): allow it under ZeRO.
+        # Our optimizer is torch's AdamW, not one of DeepSpeed's: allow it under ZeRO.
         "zero_allow_untested_optimizer": True,
+        # The throughput timer would synchronize the device at the start and end of every step.
+        "timers": {"throughput": {"enabled": False}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -85,7 +97,11 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> di
         override = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"pretrain.deepspeed_config: {path} is not valid JSON: {exc}") from None
-    return _merge(generated, override)
+    merged = _merge(generated, override)
+    if "optimizer" in override:  # DeepSpeed's own optimizer: DeepSpeed clips and checks, unless told not to
+        merged["gradient_clipping"] = override.get("gradient_clipping", p.grad_clip)
+        merged["bf16"]["check_grad_overflow"] = override.get("bf16", {}).get("check_grad_overflow", True)
+    return merged
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -110,8 +126,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def build_engine(
     cfg: PipelineConfig, encoder: Encoder, world: int, device: torch.device, total_steps: Callable[[], int]
-) -> tuple[Any, torch.dtype]:
-    """The DeepSpeed engine that trains `encoder` on the LeJEPA loss, and the dtype its inputs take.
+) -> tuple[Any, torch.dtype, DeviceAdamW | None]:
+    """The DeepSpeed engine that trains `encoder` on the LeJEPA loss, the dtype its inputs take, and our
+    optimizer inside it (None when `pretrain.deepspeed_config` brings DeepSpeed's own).
 
     `total_steps` is read at every scheduler step: under a time budget the step count moves, and the
     cosine follows it.
@@ -126,7 +143,7 @@ def build_engine(
     if "optimizer" not in ds_config:
         vit = _is_vit(cfg.model.backbone)
         weight_decay = p.weight_decay if p.weight_decay is not None else (5e-2 if vit else 5e-4)
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=p.lr)
+        optimizer = DeviceAdamW(_param_groups(model, weight_decay), lr=p.lr, max_norm=p.grad_clip)
         if "scheduler" not in ds_config:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer,
@@ -135,7 +152,16 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if optimizer is not None and engine.zero_optimization():
+        # ZeRO steps the optimizer one partition at a time, after computing the norm of all of them.
+        if not engine.zero_compute_grad_norm():
+            raise ConfigError(
+                "pretrain.deepspeed_config: zero_optimization.compute_grad_norm is off, and gradient "
+                "clipping needs the norm: remove the setting"
+            )
+        zero = engine.optimizer
+        optimizer.global_norm = lambda: zero._global_grad_norm
     if not ds_config["bf16"]["enabled"]:
-        return engine, torch.float32
+        return engine, torch.float32, optimizer
     keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
-    return engine, torch.bfloat16
+    return engine, torch.bfloat16, optimizer

@@ -12,6 +12,7 @@ under is `lejepa.resume`'s), the loop (`Trainer`, one `train_step` per optimizer
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ from lejepa.export import encoder_description, export_encoder, warm_start
 from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.model import Encoder
 from lejepa.online_probe import OnlineProbe
+from lejepa.optimizer import DeviceAdamW
 from lejepa.precision import describe
 from lejepa.resume import check_resume
 from lejepa.schedule import StepBudget
@@ -144,7 +146,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     encoder = Encoder.from_config(cfg.model, in_chans=run.manifest.channels, img_size=run.views.global_size)
     if cfg.pretrain.init_from:  # a resumed run's checkpoint, restored below, replaces these weights
         warm_start(encoder, cfg.pretrain.init_from, run.storage)
-    engine, dtype = build_engine(cfg, encoder, world, device, lambda: budget.total)
+    engine, dtype, optimizer = build_engine(cfg, encoder, world, device, lambda: budget.total)
     classes = len(run.manifest.classes) if cfg.pretrain.online_probe and run.manifest.classes else 0
     probe = OnlineProbe(encoder.embed_dim, classes, device, seed=cfg.seed) if classes else None
     checkpoints = CheckpointManager(CheckpointStore(run.storage, run.url), engine, run.stream, probe)
@@ -155,7 +157,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         _announce(cfg, run, budget, checkpoints.step, world, device)
 
     views = DeviceViews(run.views.to(device), run.stream) if cfg.views.on_device else None
-    train_step = TrainStep(engine, cfg.pretrain.grad_accum, device, dtype, probe, views)
+    train_step = TrainStep(engine, optimizer, cfg.pretrain.grad_accum, device, dtype, probe, views)
     final_loss = Trainer(cfg.pretrain, run, budget, checkpoints, train_step, rank).run()
 
     encoder_url = _export(engine, encoder, cfg, run, rank)
@@ -197,6 +199,7 @@ class TrainStep:
     """One optimizer step over `grad_accum` micro-batches, with what stays the same from step to step."""
 
     engine: Any
+    optimizer: DeviceAdamW | None
     grad_accum: int
     device: torch.device
     dtype: torch.dtype
@@ -205,8 +208,9 @@ class TrainStep:
 
     def __call__(self, batches: Iterator[tuple[Any, Tensor]]) -> tuple[Tensor, float]:
         """Returns the statistics [loss, prediction, sigreg, probe loss, probe accuracy], averaged over the
-        micro-batches and the ranks, as a tensor on the device (nothing here waits for the device: the
-        all-reduce runs there too, as NCCL takes device tensors only), and the seconds spent waiting for data.
+        micro-batches and the ranks, then the optimizer's [gradient norm, skipped], as a tensor on the
+        device (nothing here waits for the device: the all-reduce runs there too, as NCCL takes device
+        tensors only), and the seconds spent waiting for data.
         """
         device, engine = self.device, self.engine
         stats = torch.zeros(5, device=device)
@@ -228,7 +232,16 @@ class TrainStep:
         world = dist.get_world_size()
         if world > 1:
             dist.all_reduce(stats)
-        return stats / (self.grad_accum * world), waited
+        return torch.cat([stats / (self.grad_accum * world), self._optimizer_outcome()]), waited
+
+    def _optimizer_outcome(self) -> Tensor:
+        """[gradient norm before clipping, 1 if skipped else 0] of the latest optimizer step; [NaN, 0] when
+        DeepSpeed's own optimizer steps (it reports skips through `engine.skipped_steps`)."""
+        o = self.optimizer
+        if o is None or o.last_norm is None or o.last_skipped is None:
+            nan = torch.full((1,), float("nan"), device=self.device)
+            return torch.cat([nan, torch.zeros(1, device=self.device)])
+        return torch.stack([o.last_norm, o.last_skipped])
 
 
 class PendingSteps:
@@ -241,27 +254,42 @@ class PendingSteps:
 
     def add(self, stats: Tensor, step: int, epoch: int, lr: float, elapsed: float, waited: float) -> None:
         self.stats.append(stats)
-        self.host.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "lr": lr,
-                "images_per_s": self.images_per_step / elapsed,
-                "data_wait": waited / elapsed,
-            }
-        )
+        self.host.append({"step": step, "epoch": epoch, "lr": lr, "seconds": elapsed, "waited": waited})
 
-    def flush(self) -> list[dict[str, Any]]:
-        """The steps' metrics records, in order."""
+    def flush(self) -> tuple[list[dict[str, Any]], float]:
+        """The steps' metrics records, in order, and the seconds spent waiting for the device to finish them.
+
+        On a GPU the host runs ahead of the device: a step's own host time is little more than the time
+        to launch its kernels, and the rest of the device's work is waited for here. The wait is shared
+        evenly by the pending steps, so their images/s and data-wait fractions follow the device's pace.
+        """
+        tick = time.perf_counter()
         values = torch.stack(self.stats).double().cpu().tolist()
+        drained = time.perf_counter() - tick
         records = []
-        for host, (loss, prediction, sigreg, probe_loss, probe_acc) in zip(self.host, values, strict=True):
-            record = {**host, "loss": loss, "prediction": prediction, "sigreg": sigreg}
+        for host, (loss, prediction, sigreg, probe_loss, probe_acc, grad_norm, skipped) in zip(
+            self.host, values, strict=True
+        ):
+            seconds = host["seconds"] + drained / len(self.host)
+            record = {
+                "step": host["step"],
+                "epoch": host["epoch"],
+                "lr": host["lr"],
+                "images_per_s": self.images_per_step / seconds,
+                "data_wait": host["waited"] / seconds,
+                "loss": loss,
+                "prediction": prediction,
+                "sigreg": sigreg,
+            }
             if self.with_probe:
                 record.update(probe_loss=probe_loss, probe_acc=probe_acc)
+            if math.isfinite(grad_norm) and grad_norm >= 0:
+                record["grad_norm"] = grad_norm
+            if skipped:
+                record["skipped"] = True
             records.append(record)
         self.stats, self.host = [], []
-        return records
+        return records, drained
 
 
 def _slowest(seconds: float, device: torch.device) -> float:
@@ -329,13 +357,17 @@ class Trainer:
 
     def _flush(self) -> None:
         """Bring the pending steps' statistics back, check them, re-plan a timed run, and log them."""
-        records = self.pending.flush()
+        records, drained = self.pending.flush()
         self.final_loss = records[-1]["loss"]
         state = self.checkpoints
+        state.trained_s += drained
         state.verify(records)
         engine = self.train_step.engine
-        newly, self.skipped = engine.skipped_steps - self.skipped, engine.skipped_steps
-        if newly and self.rank == 0:  # DeepSpeed drops a step whose gradients are not finite, silently
+        # Ours (DeviceAdamW) or DeepSpeed's own optimizer (with a DeepSpeed optimizer, or under ZeRO-3)
+        # dropped the steps whose gradients were not finite, silently.
+        newly = sum(1 for r in records if r.get("skipped")) + engine.skipped_steps - self.skipped
+        self.skipped = engine.skipped_steps
+        if newly and self.rank == 0:
             print(
                 f"warning: {newly} of the last {len(records)} steps were skipped: their gradients were "
                 "not finite (try pretrain.precision=fp32 or a lower pretrain.lr)",

@@ -235,8 +235,9 @@ class MultiCropViews(nn.Module):
             raise ValueError(f"expected images (B, {self.channels}, H, W), got {tuple(images.shape)}")
         x = _to_float(images)
         # Per-view settings are made where the images are, so no host-to-device copy stalls a GPU.
-        global_solarize_p = torch.full((self.global_views,), SOLARIZE_P, device=x.device)
-        global_solarize_p[0] = 0.0
+        # (Writing a Python number into a GPU tensor is such a copy: the first view's 0 comes from `where`.)
+        first = torch.arange(self.global_views, device=x.device) == 0
+        global_solarize_p = torch.where(first, 0.0, SOLARIZE_P)
         global_views = self._views(
             x, self.global_views, self.global_size, self.global_scale, global_solarize_p, generator
         )

@@ -21,17 +21,9 @@ from test_flows import TINY
 
 from lejepa.config import load_config
 from lejepa.launch import free_port as _free_port
+from lejepa.testing import stop
 
 PREFECT = Path(sys.executable).parent / "prefect"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
             time.sleep(0.2)
         yield env
     finally:
-        _stop(proc)
+        stop(proc)
         log.close()
 
 
@@ -140,7 +132,7 @@ def test_run_button_on_the_manual_deployment_and_the_nightly_schedule(
                 assert all(r.state.is_scheduled() for r in upcoming)
                 stage_names = {d.name for d in client.read_deployments()}
     finally:
-        _stop(worker)
+        stop(worker)
         worker_log.close()
 
     latest = json.loads((root / "models" / "ui-model" / "latest.json").read_text())

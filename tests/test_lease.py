@@ -25,6 +25,7 @@ from lejepa.layout import LEASE
 from lejepa.lease import Lease, LeaseHeld
 from lejepa.shard import CRASH_AFTER_ENV, write_shards
 from lejepa.storage import Storage
+from lejepa.testing import processes_with
 from lejepa.with_parent import PARENT_ENV
 
 
@@ -74,24 +75,9 @@ def test_a_lease_is_taken_over_only_when_its_holder_is_provably_gone(tmp_path: P
         pass
 
 
-def _processes_with(variable: str) -> list[int]:
-    """Processes whose environment holds `variable` ("NAME=value"), as every child of a marked one does."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if variable.encode() in environ:
-            found.append(int(entry.name))
-    return found
-
-
 def _processes_of_launcher(pid: int) -> list[int]:
     """Processes started under the launcher `pid` (torchrun and the ranks carry its pid in their env)."""
-    return _processes_with(f"{PARENT_ENV}={pid}")
+    return processes_with(f"{PARENT_ENV}={pid}")
 
 
 def test_a_killed_shard_stage_takes_its_pool_workers_along(tmp_path: Path) -> None:
@@ -102,7 +88,7 @@ def test_a_killed_shard_stage_takes_its_pool_workers_along(tmp_path: Path) -> No
     env = {**os.environ, CRASH_AFTER_ENV: "4", marker.split("=")[0]: marker.split("=")[1]}
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    wait_for(lambda: not _processes_with(marker), "the killed stage's pool worker to exit", timeout=10)
+    wait_for(lambda: not processes_with(marker), "the killed stage's pool worker to exit", timeout=10)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert sum(json.loads(rerun.stdout.strip().splitlines()[-1])["num_samples"].values()) == 1797

@@ -109,6 +109,28 @@ def test_two_ranks_lower_the_loss(
         assert states["encoder.backbone.conv1.0.weight"].dtype == expected
 
 
+def test_zero_2_clips_by_the_norm_of_every_ranks_gradients(tmp_path: Path, store: Path) -> None:
+    # Under ZeRO-2 each rank's optimizer holds a part of the gradients, a group at a time: the clip must
+    # still use the norm of all of them, the one ZeRO-0 computes where every rank holds everything.
+    norms = {}
+    for stage in (0, 2):
+        config = write_config(
+            tmp_path / f"cfg{stage}.yaml",
+            store,
+            f"norm-zero{stage}",
+            pretrain={
+                "zero_stage": stage,
+                "max_steps": 3,
+                "checkpoint_every": 3,
+                "log_every": 1,
+                "grad_clip": 0.5,
+            },
+        )
+        norms[stage] = [r["grad_norm"] for r in metrics(pretrain(config)["run_dir"])]
+    assert min(norms[0]) > 0.5  # above pretrain.grad_clip: every step is clipped
+    assert norms[2] == pytest.approx(norms[0], rel=1e-4)
+
+
 def test_two_launcher_agents_as_two_nodes_train_together(tmp_path: Path, store: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_step import host_reads
 
 import lejepa
 from lejepa.config import load_config
@@ -77,3 +78,33 @@ def test_views_on_the_gpu_follow_the_batch_generator() -> None:
     assert first[1].shape == (6, 8, 3, 16, 16)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 1])
+def test_training_steps_on_the_gpu_never_wait_for_it(tmp_path: Path, zero_stage: int) -> None:
+    # The CPU test's program, on the GPU: its steps run under torch's sync debug mode set to error.
+    report = host_reads(
+        tmp_path,
+        "model.backbone=vit_tiny_patch16_224",
+        "model.backbone_kwargs={patch_size: 4}",
+        "views.global_size=16",
+        "views.local_size=8",
+        "views.on_device=true",
+        "pretrain.precision=bf16",
+        f"pretrain.zero_stage={zero_stage}",
+    )
+    assert report["steps"] == 3
+    assert report["reads"] == [] and report["synchronizes"] == 0, report
+
+
+def test_views_on_the_gpu_never_wait_for_it() -> None:
+    views = MultiCropViews(channels=3, global_size=32, local_size=16).cuda()
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, device="cuda")
+    views(images, batch_generator(0, 1, 0, 5, "cuda"))  # first call: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        global_views, local_views = views(images, batch_generator(0, 1, 0, 6, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert global_views.shape == (2, 8, 3, 32, 32) and local_views.shape == (6, 8, 3, 16, 16)

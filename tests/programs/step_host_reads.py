@@ -1,0 +1,94 @@
+"""Test program: train one rank in this process and report what its training steps read back to the host.
+
+On a GPU, every read of a tensor's value by the host (`.item()`, `bool(t)`, `.tolist()`, ...) and every
+device synchronize stops the host until the device has drained. This machine's CPU cannot show the stall,
+but it can count the reads: the steps after the first few run under a torch function mode that records
+each one with where it came from, and DeepSpeed's accelerator `synchronize` is counted. On a GPU those
+steps also run under torch's sync debug mode, so anything else that waits for the device raises. Prints
+one JSON line: {"reads": [[name, where, count], ...], "synchronizes": N, "steps": N}.
+
+    python tests/programs/step_host_reads.py --set key=value ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import traceback
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import lejepa.train
+from lejepa.config import load_config
+from lejepa.shard import write_shards
+
+HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
+UNWATCHED_STEPS = 3
+"""The first steps build state (optimizer moments, DeepSpeed buffers) and are not counted."""
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            frames = traceback.extract_stack(limit=4)[:-1]
+            where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(frames))
+            self.seen[(name, where)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(None, args.set)
+    write_shards(cfg, progress=False)
+
+    import deepspeed.accelerator
+
+    accelerator = deepspeed.accelerator.get_accelerator()
+    synchronizes, watching = [0], [False]
+    synchronize = accelerator.synchronize
+
+    def counted(*a: Any, **k: Any) -> Any:
+        synchronizes[0] += watching[0]
+        return synchronize(*a, **k)
+
+    accelerator.synchronize = counted
+    reads, steps = HostReads(), [0]
+    step = lejepa.train.TrainStep.__call__
+
+    def watched(self: Any, batches: Any) -> Any:
+        steps[0] += 1
+        if steps[0] <= UNWATCHED_STEPS:
+            return step(self, batches)
+        watching[0] = True
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with reads:
+                return step(self, batches)
+        finally:
+            watching[0] = False
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
+
+    lejepa.train.TrainStep.__call__ = watched
+    lejepa.train.train(cfg)
+    report = {
+        "reads": [[name, where, count] for (name, where), count in reads.seen.most_common()],
+        "synchronizes": synchronizes[0],
+        "steps": steps[0] - UNWATCHED_STEPS,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

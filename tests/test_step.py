@@ -1,0 +1,73 @@
+"""A training step never makes the host wait for the device (which a GPU turns into idle time).
+
+The CPU cannot show a GPU's stall, but it can count its causes: `tests/programs/step_host_reads.py`
+trains one rank and records every read of a tensor's value by the host, and every device synchronize,
+inside the training steps after the first few. DeepSpeed's defaults made five a step under bf16 ZeRO-2
+(its throughput timer's two synchronizes, the overflow check's `.item()`, the clip's `bool(norm)`).
+`tests/test_train_cuda.py` checks the same on a GPU with torch's sync debug mode.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
+
+
+def host_reads(store: Path, *overrides: str) -> dict:
+    settings = [
+        f"storage.root={store}",
+        "data.source=digits",
+        "model.backbone=resnet10t",
+        "model.proj_hidden_dim=64",
+        "model.proj_dim=32",
+        "views.local_views=2",
+        "loss.num_slices=64",
+        "pretrain.batch_size=16",
+        "pretrain.max_steps=6",
+        "pretrain.log_every=100",
+        "pretrain.num_workers=0",
+        *overrides,
+    ]
+    args = [sys.executable, str(PROGRAM)] + [a for s in settings for a in ("--set", s)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "precision", "views_on_device"), [(2, "bf16", True), (0, "fp32", False)]
+)
+def test_training_steps_read_nothing_back_from_the_device(
+    tmp_path: Path, zero_stage: int, precision: str, views_on_device: bool
+) -> None:
+    report = host_reads(
+        tmp_path,
+        f"pretrain.zero_stage={zero_stage}",
+        f"pretrain.precision={precision}",
+        f"views.on_device={str(views_on_device).lower()}",
+        "pretrain.grad_clip=1.0",
+    )
+    assert report["steps"] == 3
+    assert report["reads"] == [] and report["synchronizes"] == 0, report
+
+
+def test_deepspeed_defaults_would_read_back_every_step(tmp_path: Path) -> None:
+    """The same count on DeepSpeed's own settings: the check above can fail."""
+    defaults = tmp_path / "deepspeed.json"
+    defaults.write_text(
+        json.dumps({"timers": {"throughput": {"enabled": True}}, "bf16": {"check_grad_overflow": True}})
+    )
+    report = host_reads(
+        tmp_path,
+        "pretrain.zero_stage=2",
+        "pretrain.precision=bf16",
+        f"pretrain.deepspeed_config={defaults}",
+    )
+    assert report["synchronizes"] >= 2 * report["steps"], report
+    assert any(name == "item" for name, _, _ in report["reads"]), report
