@@ -43,6 +43,7 @@ from lejepa.shard import write_shards
 from lejepa.storage import Storage
 from lejepa.train import train
 from lejepa.training_log import read_training_log
+from lejepa.views import MultiCropViews
 
 
 def ours(cfg: PipelineConfig, warmup: int, cuda: bool) -> tuple[float, float]:
@@ -140,12 +141,12 @@ def main() -> None:
         baseline = plain_loop(cfg, manifest, device, bf16, warmup, steps)
 
     v = cfg.views
+    sizes = MultiCropViews.from_config(v, resolution=manifest.longer_side, channels=manifest.channels)
     target = 0.95 if cuda else 0.9
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(
         f"{name}: model {cfg.model.backbone}, batch {cfg.pretrain.batch_size},"
-        f" views {v.global_views}x{v.global_size or manifest.longer_side}px"
-        f" + {v.local_views}x{v.local_size}px"
+        f" views {v.global_views}x{sizes.global_size}px + {v.local_views}x{sizes.local_size}px"
         f" made {'on the device' if v.on_device else 'in the loader'}, {'bf16' if bf16 else 'fp32'},"
         f" {steps} timed steps after {warmup} warm-up steps"
     )
