@@ -9,8 +9,8 @@ Nothing in a training step waits for the device. DeepSpeed does by default, seve
 throughput timer synchronizes the device around every step, and under bf16 its overflow check and its
 gradient clipping each read a value back to the host. The generated JSON turns the three off, and the
 optimizer clips and skips instead. (With a DeepSpeed optimizer from `pretrain.deepspeed_config`,
-DeepSpeed clips and checks again. Two paths keep one wait a step: ZeRO-3, whose step checks its norm
-on the host, and ZeRO 1-2 in fp32.)
+DeepSpeed clips and checks again. Three paths keep waits: ZeRO-3, whose step checks its norm on the
+host; ZeRO 1-2 in fp32, likewise; and ZeRO-0 in bf16, whose DeepSpeed wrapper checks every gradient.)
 """
 
 from __future__ import annotations
