@@ -154,8 +154,9 @@ def build_engine(
     )
     if device.type == "cuda" and ds_config["bf16"]["enabled"] and p.zero_stage == 0 and dist.get_rank() == 0:
         print(
-            "warning: pretrain.zero_stage=0 under bf16 makes the GPU wait at every step (DeepSpeed's bf16 "
-            "wrapper checks each gradient on the host): set pretrain.zero_stage=1 or 2, as infra/gpu.yaml does",
+            "warning: pretrain.zero_stage=0 under bf16 makes the GPU wait at every step (DeepSpeed's "
+            "bf16 wrapper checks each gradient on the host): set pretrain.zero_stage=1 or 2, as "
+            "infra/gpu.yaml does",
             flush=True,
         )
     if optimizer is not None and engine.zero_optimization():
