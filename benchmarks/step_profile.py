@@ -112,7 +112,9 @@ def profile_plain(
 ) -> profile:
     prof = _profiler(warmup, steps)
     with prof:
-        plain_loop(cfg, manifest, device, bf16, warmup, steps, after_step=prof.step)
+        # The same warmup + steps + 1 steps as ours. The loop synchronizes the device at the end of its
+        # own warm-up, to start its clock: one step before the profiled ones, so that wait is not counted.
+        plain_loop(cfg, manifest, device, bf16, warmup - 1, steps + 2, after_step=prof.step)
     return prof
 
 
@@ -134,7 +136,7 @@ def main() -> None:
             ("ours (DeepSpeed + loader)", lambda: profile_ours(cfg, args.warmup, args.steps)),
             (
                 "plain PyTorch loop",
-                lambda: profile_plain(cfg, manifest, device, bf16, args.warmup, total - args.warmup),
+                lambda: profile_plain(cfg, manifest, device, bf16, args.warmup, args.steps),
             ),
         ]
         text = "\n\n".join(report(name, run(), args.steps) for name, run in sides)
