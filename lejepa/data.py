@@ -19,11 +19,14 @@ round-robin starts at batch j: the same seed, world size and worker count give t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
+import os
 import posixpath
 import random
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from lejepa.errors import DataError
 from lejepa.manifest import ImageStats, ShardEntry, ShardManifest
 from lejepa.storage import Storage
 from lejepa.tarfiles import image_member, iter_tar_samples
+from lejepa.with_parent import die_with_parent
 
 Transform = Callable[[torch.Tensor, torch.Generator], Any]
 
@@ -336,6 +340,7 @@ class TrainStream:
                 num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 pin_memory=self.pin_memory,
+                worker_init_fn=_dies_with(os.getpid()),
             )
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -385,5 +390,21 @@ def eval_loader(
     workers = max(1, num_workers)
     dataset = _EvalSplit(storage, m, m.shards_for(split), batch_size, world_size * workers, rank * workers)
     return DataLoader(
-        dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory
+        dataset,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_dies_with(os.getpid()),
     )
+
+
+def _dies_with(reader: int) -> Callable[[int], None]:
+    """A loader worker's start: die with `reader`, the process reading the loader. A worker notices its
+    reader is gone only between reads (every 5 s at best): one blocked in a read from storage would
+    otherwise outlive a killed rank by as long as the read takes, or for good."""
+    return functools.partial(_die_with, reader)
+
+
+def _die_with(reader: int, _worker_id: int) -> None:
+    die_with_parent(signal.SIGKILL, parent=reader)

@@ -94,6 +94,37 @@ def test_a_killed_shard_stage_takes_its_pool_workers_along(tmp_path: Path) -> No
     assert sum(json.loads(rerun.stdout.strip().splitlines()[-1])["num_samples"].values()) == 1797
 
 
+def test_a_killed_reader_takes_its_loader_workers_along(tmp_path: Path) -> None:
+    # A loader worker notices that its reader is gone only between reads. Here every shard is a FIFO that
+    # nobody writes, so the worker's read never returns: it must die with its reader all the same.
+    settings = [f"storage.root={tmp_path}", "data.source=digits"]
+    write_shards(load_config(None, settings), progress=False)
+    for shard in tmp_path.rglob("*.tar"):
+        shard.unlink()
+        os.mkfifo(shard)
+    reader = (
+        "import sys\n"
+        "from lejepa.config import load_config\n"
+        "from lejepa.data import TrainStream\n"
+        "from lejepa.manifest import ShardManifest, locate_manifest\n"
+        "from lejepa.storage import Storage\n"
+        "cfg = load_config(None, sys.argv[1:])\n"
+        "storage = Storage.from_config(cfg.storage)\n"
+        "manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))\n"
+        "stream = TrainStream(manifest, storage, batch_size=8, num_workers=1)\n"
+        "next(iter(stream))\n"
+    )
+    name, value = "LEJEPA_TEST_MARKER", uuid.uuid4().hex
+    marked = f"{name}={value}"
+    proc = subprocess.Popen([sys.executable, "-c", reader, *settings], env={**os.environ, name: value})
+    try:
+        wait_for(lambda: len(processes_with(marked)) >= 2, "the reader's loader worker", timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not processes_with(marked), "the loader worker to exit", timeout=10)
+
+
 def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_shards(load_config(None, [f"storage.root={store}", "data.source=digits"]), progress=False)
