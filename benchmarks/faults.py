@@ -260,13 +260,16 @@ def marked_processes(mark: str) -> list[int]:
     return processes_with(f"{MARK}={mark}", or_below=True)
 
 
-def kill_marked(mark: str) -> int:
-    """SIGKILL every process still carrying `mark`; returns how many there were."""
+def kill_marked(mark: str) -> list[str]:
+    """SIGKILL every process still carrying `mark`; returns their command lines."""
     pids = [pid for pid in marked_processes(mark) if pid != os.getpid()]
+    commands = []
     for pid in pids:
+        with contextlib.suppress(OSError):
+            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    return len(pids)
+    return commands
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -348,7 +351,9 @@ class Pipeline:
             proc.popen.send_signal(signal.SIGKILL)
         proc.popen.wait()
         if not wait_for(lambda: not marked_processes(proc.mark), 10, 0.2):
-            proc.orphans = kill_marked(proc.mark)
+            left = kill_marked(proc.mark)
+            proc.orphans = len(left)
+            print(f"[faults]   still running 10 s after the kill: {' | '.join(left)}", flush=True)
 
 
 # -- the reference and the trials ------------------------------------------------------------------------
@@ -743,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # also on Ctrl-C: the stages run in sessions of their own, which the terminal does not stop
         leftovers = kill_marked(run_mark)
         if leftovers:
-            print(f"[faults] stopped {leftovers} leftover process(es)", flush=True)
+            print(f"[faults] stopped {len(leftovers)} leftover process(es)", flush=True)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
