@@ -118,13 +118,25 @@ def _project(z: Tensor, directions: Tensor) -> Tensor:
     return z.to(dtype) @ directions.to(dtype)
 
 
-def _epps_pulley(cos_sums: Tensor, sin_sums: Tensor, knots: int, t_max: float) -> Tensor:
-    """The statistic per slice from the ECF sums over the samples, each of shape (..., knots)."""
+def _ecf_errors(
+    cos_sums: Tensor, sin_sums: Tensor, knots: int, t_max: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ecf(t_j) - phi(t_j), real and imaginary parts (..., knots), from the ECF sums over the samples; then
+    the sample count N (..., 1) and the quadrature weights w_j."""
     phi, weights = _quadrature(knots, t_max, cos_sums)
     # t_0 = 0, so cos_sums[..., 0] = sum_i cos(0) = N; after an all-reduce it is the global N.
     n = cos_sums[..., :1].detach()
-    squared_error = (cos_sums / n - phi) ** 2 + (sin_sums / n) ** 2
-    return n[..., 0] * (squared_error @ weights)
+    return cos_sums / n - phi, sin_sums / n, n, weights
+
+
+def _statistic(cos_error: Tensor, sin_error: Tensor, n: Tensor, weights: Tensor) -> Tensor:
+    """The statistic per slice, N * sum_j w_j |ecf(t_j) - phi(t_j)|^2, from `_ecf_errors`."""
+    return n[..., 0] * ((cos_error.square() + sin_error.square()) @ weights)
+
+
+def _epps_pulley(cos_sums: Tensor, sin_sums: Tensor, knots: int, t_max: float) -> Tensor:
+    """The statistic per slice from the ECF sums over the samples, each of shape (..., knots)."""
+    return _statistic(*_ecf_errors(cos_sums, sin_sums, knots, t_max))
 
 
 def reference_sliced_epps_pulley(
@@ -292,11 +304,10 @@ class _MeanEppsPulley(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cos_sums: Tensor, sin_sums: Tensor, knots: int, t_max: float) -> Tensor:
-        phi, weights = _quadrature(knots, t_max, cos_sums)
-        n = cos_sums[:, :1]  # t_0 = 0: cos_sums[:, 0] = sum_i cos(0) = N, the global N after an all-reduce
-        cos_error, sin_error = cos_sums / n - phi, sin_sums / n
+        errors = _ecf_errors(cos_sums, sin_sums, knots, t_max)
+        cos_error, sin_error, _, weights = errors
         ctx.save_for_backward(cos_error, sin_error, weights)
-        return (n[:, 0] * ((cos_error.square() + sin_error.square()) @ weights)).mean()
+        return _statistic(*errors).mean()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
