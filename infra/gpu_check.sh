@@ -2,8 +2,8 @@
 # The GPU check, for a bare CUDA machine with its own torch and no internet (sized for < 8 min on one H100):
 #   1. the CUDA tests (SIGReg, training on one GPU rank over NCCL, evaluation on the device) and the launcher's
 #      option and error tests against this machine's torch;
-#   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml, ZeRO 2
-#      and 1), and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
+#   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml, ZeRO 2,
+#      1 and 0), and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
 #   3. shard -> pretrain -> evaluate -> publish of Fashion-MNIST with infra/gpu.yaml;
 #   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, against
 #      the plain loop, and its profile;
@@ -57,6 +57,8 @@ part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sigreg_cuda
 part sigreg 120 "$PY" benchmarks/sigreg.py --device cuda
 part train_step 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml
 part train_step_zero1 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=1 \
+    --steps 30
+part train_step_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=0 \
     --steps 30
 part step_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml --out "$OUT/step_profile.txt"
 

@@ -9,8 +9,9 @@ Nothing in a training step waits for the device. DeepSpeed does by default, seve
 throughput timer synchronizes the device around every step, and under bf16 its overflow check and its
 gradient clipping each read a value back to the host. The generated JSON turns the three off, and the
 optimizer clips and skips instead. (With a DeepSpeed optimizer from `pretrain.deepspeed_config`,
-DeepSpeed clips and checks again. Three paths keep waits: ZeRO-3, whose step checks its norm on the
-host; ZeRO 1-2 in fp32, likewise; and ZeRO-0 in bf16, whose DeepSpeed wrapper checks every gradient.)
+DeepSpeed clips and checks again. Two paths keep a wait: ZeRO-3, whose step checks its norm on the
+host, and ZeRO 1-2 in fp32, likewise.) Under ZeRO-0, bf16 is torch's autocast over fp32 parameters, as in
+a plain PyTorch loop: DeepSpeed's bf16 wrapper there would read every gradient back at each step.
 """
 
 from __future__ import annotations
@@ -36,17 +37,23 @@ from lejepa.sigreg import SIGReg
 
 
 class LeJEPAModel(nn.Module):
-    """What DeepSpeed trains: encoder + projector with the loss, so one forward gives the loss."""
+    """What DeepSpeed trains: encoder + projector with the loss, so one forward gives the loss.
 
-    def __init__(self, encoder: Encoder, sigreg: SIGReg, lamb: float) -> None:
+    With `autocast`, the forward runs under torch's bf16 autocast (fp32 parameters, bf16 matmuls and
+    convolutions), as a plain PyTorch loop does; SIGReg and the loss turn it off for their own arithmetic.
+    """
+
+    def __init__(self, encoder: Encoder, sigreg: SIGReg, lamb: float, autocast: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.sigreg = sigreg
         self.lamb = lamb
+        self.autocast = autocast
 
     def forward(self, global_views: Tensor, local_views: Tensor) -> tuple[LeJEPALoss, Tensor]:
-        embeddings, projections = self.encoder.forward_views(global_views, local_views)
-        return lejepa_loss(projections, global_views.shape[0], self.sigreg, self.lamb), embeddings
+        with torch.autocast(global_views.device.type, torch.bfloat16, enabled=self.autocast):
+            embeddings, projections = self.encoder.forward_views(global_views, local_views)
+            return lejepa_loss(projections, global_views.shape[0], self.sigreg, self.lamb), embeddings
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -72,14 +79,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for this run; keys of `pretrain.deepspeed_config` (a file) override ours."""
     p = cfg.pretrain
-    bf16 = resolve_precision(p.precision, "cuda" if use_cuda else "cpu") == "bf16"
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": p.batch_size,
         "gradient_accumulation_steps": p.grad_accum,
         "train_batch_size": p.batch_size * p.grad_accum * world_size,
         # DeviceAdamW clips at pretrain.grad_clip and skips non-finite steps without a host read.
         "gradient_clipping": 0.0,
-        "bf16": {"enabled": bf16, "check_grad_overflow": False},
+        "bf16": {"enabled": _bf16_parameters(cfg, use_cuda), "check_grad_overflow": False},
         "zero_optimization": {"stage": p.zero_stage},
         # Our optimizer is torch's AdamW, not one of DeepSpeed's: allow it under ZeRO.
         "zero_allow_untested_optimizer": True,
@@ -102,6 +108,17 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> di
         merged["gradient_clipping"] = override.get("gradient_clipping", p.grad_clip)
         merged["bf16"]["check_grad_overflow"] = override.get("bf16", {}).get("check_grad_overflow", True)
     return merged
+
+
+def _bf16(cfg: PipelineConfig, use_cuda: bool) -> bool:
+    return resolve_precision(cfg.pretrain.precision, "cuda" if use_cuda else "cpu") == "bf16"
+
+
+def _bf16_parameters(cfg: PipelineConfig, use_cuda: bool) -> bool:
+    """Whether bf16 runs as DeepSpeed's bf16 mode (bf16 parameters, fp32 master copies in the ZeRO
+    optimizer): under ZeRO 1-3. Under ZeRO-0 it runs as torch's autocast instead (`LeJEPAModel`): there
+    DeepSpeed wraps the optimizer in one that reads every gradient back to the host at each step."""
+    return _bf16(cfg, use_cuda) and cfg.pretrain.zero_stage > 0
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +154,10 @@ def build_engine(
 
     p = cfg.pretrain
     sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed)
-    model = LeJEPAModel(encoder, sigreg, cfg.loss.lamb)
-    ds_config = deepspeed_config(cfg, world, device.type == "cuda")
+    use_cuda = device.type == "cuda"
+    ds_config = deepspeed_config(cfg, world, use_cuda)
+    bf16_parameters = ds_config["bf16"]["enabled"]
+    model = LeJEPAModel(encoder, sigreg, cfg.loss.lamb, autocast=_bf16(cfg, use_cuda) and not bf16_parameters)
     optimizer, scheduler = None, None
     if "optimizer" not in ds_config:
         vit = _is_vit(cfg.model.backbone)
@@ -152,13 +171,6 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    if device.type == "cuda" and ds_config["bf16"]["enabled"] and p.zero_stage == 0 and dist.get_rank() == 0:
-        print(
-            "warning: pretrain.zero_stage=0 under bf16 makes the GPU wait at every step (DeepSpeed's "
-            "bf16 wrapper checks each gradient on the host): set pretrain.zero_stage=1 or 2, as "
-            "infra/gpu.yaml does",
-            flush=True,
-        )
     if optimizer is not None and engine.zero_optimization():
         # ZeRO steps the optimizer one partition at a time, after computing the norm of all of them.
         if not engine.zero_compute_grad_norm():
@@ -168,7 +180,7 @@ def build_engine(
             )
         zero = engine.optimizer
         optimizer.global_norm = lambda: zero._global_grad_norm
-    if not ds_config["bf16"]["enabled"]:
+    if not bf16_parameters:  # fp32, or bf16 by autocast: the inputs stay fp32
         return engine, torch.float32, optimizer
     keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
     return engine, torch.bfloat16, optimizer

@@ -21,9 +21,16 @@ def test_native_picks_bf16_only_where_the_hardware_has_it(
     assert precision.resolve_precision("fp32", "cuda") == "fp32"
     assert precision.resolve_precision("bf16", "cpu") == "bf16"
     assert ("lacks" in precision.describe("native", "cpu")) is not native
-    cfg = load_config(None, ["pretrain.precision=native"])
+    cfg = load_config(None, ["pretrain.precision=native", "pretrain.zero_stage=2"])
     assert deepspeed_config(cfg, 1, use_cuda=False)["bf16"]["enabled"] is native
     assert deepspeed_config(load_config(None, []), 1, use_cuda=False)["bf16"]["enabled"] is False
+
+
+def test_bf16_under_zero_0_is_autocast_not_deepspeeds_bf16_mode() -> None:
+    # DeepSpeed's bf16 wrapper at ZeRO-0 reads every gradient back to the host (tests/test_step.py).
+    for stage, deepspeed_bf16 in ((0, False), (1, True), (2, True), (3, True)):
+        cfg = load_config(None, ["pretrain.precision=bf16", f"pretrain.zero_stage={stage}"])
+        assert deepspeed_config(cfg, 1, use_cuda=True)["bf16"]["enabled"] is deepspeed_bf16
 
 
 def test_this_machines_flags_are_read() -> None:

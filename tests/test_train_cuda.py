@@ -80,7 +80,7 @@ def test_views_on_the_gpu_follow_the_batch_generator() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-@pytest.mark.parametrize("zero_stage", [2, 1])
+@pytest.mark.parametrize("zero_stage", [2, 1, 0])
 def test_training_steps_on_the_gpu_never_wait_for_it(tmp_path: Path, zero_stage: int) -> None:
     # The CPU test's program, on the GPU: its steps run under torch's sync debug mode set to error.
     report = host_reads(

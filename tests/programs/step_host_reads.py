@@ -5,7 +5,8 @@ device synchronize stops the host until the device has drained. This machine's C
 but it can count the reads: the steps after the first few run under a torch function mode that records
 each one with where it came from, and DeepSpeed's accelerator `synchronize` is counted. On a GPU those
 steps also run under torch's sync debug mode, so anything else that waits for the device raises. Prints
-one JSON line: {"reads": [[name, where, count], ...], "synchronizes": N, "steps": N}.
+one JSON line: {"reads": [[name, where, count], ...], "synchronizes": N, "steps": N, "autocast": bool,
+"parameters": dtype}, the last two saying how the model ran.
 
     python tests/programs/step_host_reads.py --set key=value ...
 """
@@ -62,11 +63,12 @@ def main() -> None:
         return synchronize(*a, **k)
 
     accelerator.synchronize = counted
-    reads, steps = HostReads(), [0]
+    reads, steps, model = HostReads(), [0], []
     step = lejepa.train.TrainStep.__call__
 
     def watched(self: Any, batches: Any) -> Any:
         steps[0] += 1
+        model[:] = [self.engine.module]
         if steps[0] <= UNWATCHED_STEPS:
             return step(self, batches)
         watching[0] = True
@@ -86,6 +88,8 @@ def main() -> None:
         "reads": [[name, where, count] for (name, where), count in reads.seen.most_common()],
         "synchronizes": synchronizes[0],
         "steps": steps[0] - UNWATCHED_STEPS,
+        "autocast": model[0].autocast,
+        "parameters": str(next(model[0].parameters()).dtype),
     }
     print(json.dumps(report))
 
