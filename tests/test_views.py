@@ -1,7 +1,9 @@
-"""Multi-crop views: shapes, seeded determinism, crop geometry, statistics, evaluation view, throughput."""
+"""Multi-crop views: shapes, seeded determinism, crop geometry, statistics, the colour map, evaluation view,
+throughput."""
 
 from __future__ import annotations
 
+import colorsys
 import math
 import time
 
@@ -96,6 +98,99 @@ def test_crops_stay_inside_the_image_with_the_requested_area() -> None:
     area, aspect = theta[:, 0, 0].abs() * theta[:, 1, 1], theta[:, 0, 0].abs() / theta[:, 1, 1]
     assert area.min() >= 0.05 - 1e-6 and area.max() <= 0.3 + 1e-6
     assert aspect.min() >= 3 / 4 - 1e-5 and aspect.max() <= 4 / 3 + 1e-5
+
+
+def _median_draws(monkeypatch: pytest.MonkeyPatch, fraction: float = 0.5) -> None:
+    """Every uniform draw at `fraction` of its range; every Bernoulli draw as if its random number were 0.5
+    (so the jitter, p = 0.8, applies and grayscale, p = 0.2, does not)."""
+
+    def uniform(n: int, low: float, high: float, generator: object, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), low + fraction * (high - low), device=device)
+
+    def bernoulli(n: int, p: float, generator: object, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), 0.5, device=device) < p
+
+    monkeypatch.setattr(views_module, "_uniform", uniform)
+    monkeypatch.setattr(views_module, "_bernoulli", bernoulli)
+
+
+def _colour_mapped(crops: torch.Tensor, views: MultiCropViews) -> torch.Tensor:
+    n, c = crops.shape[:2]
+    matrix, offset = views_module._random_colour(crops.mean((2, 3)), views.gray, views.yiq, None)
+    return (torch.einsum("nck,nkhw->nchw", matrix, crops) + offset.view(n, c, 1, 1)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.9])
+def test_one_colour_map_is_the_jitter_applied_one_adjustment_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, fraction: float
+) -> None:
+    _median_draws(monkeypatch, fraction)
+    crops = torch.rand(4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+
+    def factor(strength: float) -> float:
+        return 1 - strength + 2 * strength * fraction
+
+    def gray(x: torch.Tensor) -> torch.Tensor:
+        return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+    x = crops * factor(views_module.BRIGHTNESS)
+    x = factor(views_module.CONTRAST) * x + (1 - factor(views_module.CONTRAST)) * gray(x).mean((2, 3), True)
+    x = factor(views_module.SATURATION) * x + (1 - factor(views_module.SATURATION)) * gray(x)
+    to_yiq = torch.tensor(views_module.RGB_TO_YIQ)
+    y, i, q = torch.einsum("ck,nkhw->nchw", to_yiq, x).unbind(1)
+    angle = 2 * math.pi * views_module.HUE * (2 * fraction - 1)
+    i, q = math.cos(angle) * i + math.sin(angle) * q, -math.sin(angle) * i + math.cos(angle) * q
+    x = torch.einsum("ck,nkhw->nchw", torch.linalg.inv(to_yiq), torch.stack([y, i, q], 1))
+
+    torch.testing.assert_close(_colour_mapped(crops, MultiCropViews(3)), x.clamp(0, 1))
+    # Grey images get brightness and contrast only.
+    grey = crops[:, :1]
+    x = grey * factor(views_module.BRIGHTNESS)
+    x = factor(views_module.CONTRAST) * x + (1 - factor(views_module.CONTRAST)) * x.mean((2, 3), True)
+    torch.testing.assert_close(_colour_mapped(grey, MultiCropViews(1)), x.clamp(0, 1))
+
+
+def test_grayscale_gives_every_channel_the_luma(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("JITTER_P", "GRAYSCALE_P"):
+        monkeypatch.setattr(views_module, name, 1.0 if name == "GRAYSCALE_P" else 0.0)
+    crops = torch.rand(4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    luma = 0.299 * crops[:, 0] + 0.587 * crops[:, 1] + 0.114 * crops[:, 2]
+    torch.testing.assert_close(_colour_mapped(crops, MultiCropViews(3)), luma.unsqueeze(1).expand_as(crops))
+
+
+def test_the_blur_commutes_with_the_colour_map() -> None:
+    # What lets the views blur first and map the colours after, in one pass, before the clamp.
+    crops = torch.rand(16, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    matrix, offset = views_module._random_colour(
+        crops.mean((2, 3)), MultiCropViews(3).gray, MultiCropViews(3).yiq, torch.Generator().manual_seed(1)
+    )
+
+    def mapped(x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nck,nkhw->nchw", matrix, x) + offset.view(16, 3, 1, 1)
+
+    def blurred(x: torch.Tensor) -> torch.Tensor:
+        return views_module._random_blur(x, torch.Generator().manual_seed(2))
+
+    assert not torch.allclose(blurred(crops), crops)  # some crops really are blurred
+    torch.testing.assert_close(blurred(mapped(crops)), mapped(blurred(crops)))
+
+
+def test_the_hue_shift_moves_hsv_hue_by_about_the_drawn_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    _median_draws(monkeypatch, fraction=1.0)  # the largest shift, +HUE turns
+    applied = torch.ones(1, dtype=torch.bool)
+    rotation = views_module._hue_rotation(applied, MultiCropViews(3).yiq, None)[0]
+    colours = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0))
+    shifted = colours @ rotation.T
+    errors = []
+    for before, after in zip(colours.tolist(), shifted.tolist(), strict=True):
+        hue, saturation, _ = colorsys.rgb_to_hsv(*before)
+        if saturation > 0.2 and all(0 <= v <= 1 for v in after):  # hue is defined and nothing clamped
+            moved = colorsys.rgb_to_hsv(*after)[0] - hue
+            errors.append((moved - views_module.HUE + 0.5) % 1 - 0.5)
+    assert len(errors) > 1000
+    assert max(abs(e) for e in errors) < 0.045
+    # The hue moves by +HUE on average: no turn the other way, no systematic bias.
+    assert abs(sum(errors) / len(errors)) < 0.02
 
 
 def test_from_config_scales_sizes_to_the_resolution() -> None:
