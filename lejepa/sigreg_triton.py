@@ -82,6 +82,8 @@ def _ecf_grad_kernel(
     grad_x_ptr,
     n_rows,
     n_cols,
+    grad_col_stride,
+    grad_knot_stride,
     dt,
     knots,
     BLOCK_ROWS: tl.constexpr,
@@ -94,11 +96,14 @@ def _ecf_grad_kernel(
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]  # N * M may pass 2**31
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     grad = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+    # The upstream gradients (M, knots) are read in place, by their strides: they are small and stay in
+    # cache, so a transposed copy would cost more (a kernel launch each) than it saves.
+    grad_offsets = cols * grad_col_stride
     for knot in range(knots):
         t = knot * dt
-        # The upstream gradients come transposed, (knots, M): one contiguous row per knot.
-        cos_coefficient = t * tl.load(grad_sin_ptr + knot * n_cols + cols, mask=col_mask, other=0.0)
-        sin_coefficient = t * tl.load(grad_cos_ptr + knot * n_cols + cols, mask=col_mask, other=0.0)
+        at_knot = grad_offsets + knot * grad_knot_stride
+        cos_coefficient = t * tl.load(grad_sin_ptr + at_knot, mask=col_mask, other=0.0)
+        sin_coefficient = t * tl.load(grad_cos_ptr + at_knot, mask=col_mask, other=0.0)
         tx = t * x
         grad += cos_coefficient[None, :] * tl.cos(tx) - sin_coefficient[None, :] * tl.sin(tx)
     tl.store(grad_x_ptr + offsets, grad, mask=mask)
@@ -141,8 +146,12 @@ def ecf_grad(x: Tensor, dt: float, knots: int, grad_cos: Tensor, grad_sin: Tenso
     n_rows, n_cols = x.shape
     grad_x = torch.empty_like(x)
     grid = (triton.cdiv(n_rows, GRAD_BLOCK_ROWS), triton.cdiv(n_cols, GRAD_BLOCK_COLS))
-    grad_cos, grad_sin = grad_cos.T.contiguous(), grad_sin.T.contiguous()
+    if grad_cos.stride() != grad_sin.stride():  # one set of strides serves both
+        grad_cos, grad_sin = grad_cos.contiguous(), grad_sin.contiguous()
+    col_stride, knot_stride = grad_cos.stride()
     blocks = {"BLOCK_ROWS": GRAD_BLOCK_ROWS, "BLOCK_COLS": GRAD_BLOCK_COLS, "num_warps": GRAD_WARPS}
     with _on_device_of(x):
-        _ecf_grad_kernel[grid](x, grad_cos, grad_sin, grad_x, n_rows, n_cols, dt, knots, **blocks)
+        _ecf_grad_kernel[grid](
+            x, grad_cos, grad_sin, grad_x, n_rows, n_cols, col_stride, knot_stride, dt, knots, **blocks
+        )
     return grad_x
