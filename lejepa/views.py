@@ -105,10 +105,9 @@ def _random_colour(
 
     The jitter's adjustments are all affine in the pixel values: brightness scales them, contrast blends
     them with the mean grey of the image (from the crops' per-channel `means`, (n, C)), saturation blends
-    them with their own grey, the hue shift rotates the chroma plane of YIQ (`yiq`, RGB -> YIQ), and
-    grayscale replaces them with their grey (`gray`, the luma weights, (1, C)). So they compose into one
-    matrix and offset, applied in one pass, with one clamp at the end. `yiq` holds RGB -> YIQ and its
-    inverse.
+    them with their own grey, the hue shift rotates the chroma plane of YIQ (`yiq`: RGB -> YIQ and its
+    inverse), and grayscale replaces them with their grey (`gray`: the luma weights, (1, C)). So they
+    compose into one matrix and offset, applied in one pass, with one clamp at the end.
     """
     n, c = means.shape
     device = means.device
@@ -141,8 +140,9 @@ def _hue_rotation(
 ) -> torch.Tensor:
     """(n, 3, 3) RGB maps that shift the hue of the `applied` crops by up to HUE turns either way.
 
-    (`yiq`: RGB -> YIQ and its inverse; they are buffers of the module, made once: building a constant
-    from host memory here would wait for the GPU.)"""
+    `yiq` (RGB -> YIQ and its inverse) is a buffer of the views module, made once: building a constant
+    from host memory here would wait for the GPU.
+    """
     n = applied.shape[0]
     turns = torch.where(applied, _uniform(n, -HUE, HUE, generator, applied.device), 0.0)
     # Rotating I towards Q moves red towards yellow and green, as HSV's positive hue shift does.

@@ -100,7 +100,7 @@ def test_crops_stay_inside_the_image_with_the_requested_area() -> None:
     assert aspect.min() >= 3 / 4 - 1e-5 and aspect.max() <= 4 / 3 + 1e-5
 
 
-def _median_draws(monkeypatch: pytest.MonkeyPatch, fraction: float = 0.5) -> None:
+def _fixed_draws(monkeypatch: pytest.MonkeyPatch, fraction: float = 0.5) -> None:
     """Every uniform draw at `fraction` of its range; every Bernoulli draw as if its random number were 0.5
     (so the jitter, p = 0.8, applies and grayscale, p = 0.2, does not)."""
 
@@ -124,7 +124,7 @@ def _colour_mapped(crops: torch.Tensor, views: MultiCropViews) -> torch.Tensor:
 def test_one_colour_map_is_the_jitter_applied_one_adjustment_at_a_time(
     monkeypatch: pytest.MonkeyPatch, fraction: float
 ) -> None:
-    _median_draws(monkeypatch, fraction)
+    _fixed_draws(monkeypatch, fraction)
     crops = torch.rand(4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
 
     def factor(strength: float) -> float:
@@ -176,7 +176,7 @@ def test_the_blur_commutes_with_the_colour_map() -> None:
 
 
 def test_the_hue_shift_moves_hsv_hue_by_about_the_drawn_turns(monkeypatch: pytest.MonkeyPatch) -> None:
-    _median_draws(monkeypatch, fraction=1.0)  # the largest shift, +HUE turns
+    _fixed_draws(monkeypatch, fraction=1.0)  # the largest shift, +HUE turns
     applied = torch.ones(1, dtype=torch.bool)
     rotation = views_module._hue_rotation(applied, MultiCropViews(3).yiq, None)[0]
     colours = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0))
