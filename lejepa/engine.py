@@ -184,3 +184,17 @@ def build_engine(
         return engine, torch.float32, optimizer
     keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
     return engine, torch.bfloat16, optimizer
+
+
+def follow_schedule(engine: Any) -> None:
+    """Set the optimizer's rate to what our schedule gives at the engine's step, now.
+
+    A checkpoint holds the rate its schedule set for the next step. A run resumed under a new total
+    (a raised `max_steps`, a re-estimated time budget) would take its first step at that old rate.
+    """
+    scheduler = engine.lr_scheduler
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # DeepSpeed's own scheduler
+        return
+    groups = scheduler.optimizer.param_groups
+    for group, base, rate in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * rate(scheduler.last_epoch)

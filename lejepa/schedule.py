@@ -22,7 +22,8 @@ class StepBudget:
     computes the same total, the same learning rate and stops at the same step. A timed attempt re-plans
     after each of its first `EARLY_STEPS` steps (`due`), so its warm-up follows the real total from its fourth
     step on (a step's rate is set as the one before ends), not the `upper` bound it starts from. The first
-    step, which carries one-off start-up costs, is left out of the pace.
+    step, which carries one-off start-up costs, is left out of the pace. A resumed attempt starts from the
+    checkpoint's pace, until it has measured its own.
     """
 
     EARLY_STEPS = 10
@@ -33,7 +34,10 @@ class StepBudget:
         self.first_step = 1
 
     def resume_at(self, step: int, trained_s: float) -> None:
-        """Measure the pace from here: a resumed attempt may run on another machine."""
+        """Plan on the checkpoint's pace, then measure the pace from here: a resumed attempt may run on
+        another machine."""
+        if self.seconds is not None and step > 0:
+            self._plan(step, trained_s, trained_s / step)
         self.since_step, self.since_s, self.first_step = step, trained_s, step + 1
 
     def due(self, step: int) -> bool:
@@ -46,6 +50,9 @@ class StepBudget:
         if step == self.first_step:  # start-up costs: measure the pace from the end of this step
             self.since_step, self.since_s = step, trained_s
             return
-        pace = (trained_s - self.since_s) / (step - self.since_step)
+        self._plan(step, trained_s, (trained_s - self.since_s) / (step - self.since_step))
+
+    def _plan(self, step: int, trained_s: float, pace: float) -> None:
+        assert self.seconds is not None
         remaining = max(0.0, self.seconds - trained_s)
         self.total = min(self.upper, step + int(remaining / max(pace, 1e-9)))

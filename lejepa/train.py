@@ -32,7 +32,7 @@ from lejepa.checkpoint import CheckpointError, CheckpointManager, CheckpointStor
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, PretrainConfig, redacted
 from lejepa.data import TrainStream
-from lejepa.engine import build_engine, init_distributed
+from lejepa.engine import build_engine, follow_schedule, init_distributed
 from lejepa.export import encoder_description, export_encoder, warm_start
 from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.model import Encoder
@@ -152,6 +152,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
     checkpoints = CheckpointManager(CheckpointStore(run.storage, run.url), engine, run.stream, probe)
     if checkpoints.restore():
         budget.resume_at(checkpoints.step, checkpoints.trained_s)
+        follow_schedule(engine)
     if rank == 0:
         run.storage.write_json(f"{run.url}/{layout.CONFIG}", run.record)
         _announce(cfg, run, budget, checkpoints.step, world, device)

@@ -25,6 +25,7 @@ from lejepa.checkpoint import _deepspeed_types
 from lejepa.config import load_config
 from lejepa.launch import free_port
 from lejepa.pretrain import PretrainFailed, run_pretrain
+from lejepa.schedule import warmup_cosine
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
 
@@ -225,6 +226,9 @@ def test_checkpoints_and_resume_on_s3(
     assert storage.read_json(f"{root}/runs/on-s3/checkpoints/latest.json")["step"] == 6
     log = [json.loads(line) for line in storage.read_bytes(f"{root}/runs/on-s3/metrics.jsonl").splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    # From its first step on, the resumed run follows the 6-step schedule, not the rate the 4-step one left.
+    p = load_config(config, []).pretrain
+    assert log[4]["lr"] == pytest.approx(p.lr * warmup_cosine(4, 6, p.warmup_fraction, p.min_lr_ratio))
     encoder = lejepa.load_encoder(resumed["encoder"], storage)
     assert encoder(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)).shape == (2, encoder.embed_dim)
 
