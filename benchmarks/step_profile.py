@@ -32,7 +32,7 @@ from train_step import plain_loop, sharded_run
 
 import lejepa.train
 from lejepa.config import PipelineConfig
-from lejepa.engine import deepspeed_config
+from lejepa.engine import trains_in_bf16
 from lejepa.manifest import ShardManifest
 
 HOST_WAITS = ("Synchronize", "cudaMemcpy")
@@ -131,7 +131,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         cfg, manifest = sharded_run(args.config, root, "step-profile", total, args.set)
-        bf16 = deepspeed_config(cfg, 1, use_cuda=device.type == "cuda")["bf16"]["enabled"]
+        bf16 = trains_in_bf16(cfg, use_cuda=device.type == "cuda")
         sides: list[tuple[str, Callable[[], profile]]] = [
             ("ours (DeepSpeed + loader)", lambda: profile_ours(cfg, args.warmup, args.steps)),
             (

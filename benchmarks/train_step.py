@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.engine import deepspeed_config
+from lejepa.engine import trains_in_bf16
 from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.minimal import MinimalTrainer
 from lejepa.shard import write_shards
@@ -137,7 +137,7 @@ def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        bf16 = deepspeed_config(cfg, 1, use_cuda=cuda)["bf16"]["enabled"]
+        bf16 = trains_in_bf16(cfg, use_cuda=cuda)
         baseline = plain_loop(cfg, manifest, device, bf16, warmup, steps)
 
     v = cfg.views

@@ -114,6 +114,12 @@ def _bf16(cfg: PipelineConfig, use_cuda: bool) -> bool:
     return resolve_precision(cfg.pretrain.precision, "cuda" if use_cuda else "cpu") == "bf16"
 
 
+def trains_in_bf16(cfg: PipelineConfig, use_cuda: bool) -> bool:
+    """Whether the step computes in bf16, either way: autocast, or DeepSpeed's bf16 mode (which a
+    `pretrain.deepspeed_config` may also turn on)."""
+    return _bf16(cfg, use_cuda) or deepspeed_config(cfg, 1, use_cuda)["bf16"]["enabled"]
+
+
 def _bf16_parameters(cfg: PipelineConfig, use_cuda: bool) -> bool:
     """Whether bf16 runs as DeepSpeed's bf16 mode (bf16 parameters, fp32 master copies in the ZeRO
     optimizer): under ZeRO 1-3. Under ZeRO-0 it runs as torch's autocast instead (`LeJEPAModel`): there

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lejepa import precision
 from lejepa.config import load_config
-from lejepa.engine import deepspeed_config
+from lejepa.engine import deepspeed_config, trains_in_bf16
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -31,6 +34,15 @@ def test_bf16_under_zero_0_is_autocast_not_deepspeeds_bf16_mode() -> None:
     for stage, deepspeed_bf16 in ((0, False), (1, True), (2, True), (3, True)):
         cfg = load_config(None, ["pretrain.precision=bf16", f"pretrain.zero_stage={stage}"])
         assert deepspeed_config(cfg, 1, use_cuda=True)["bf16"]["enabled"] is deepspeed_bf16
+        assert trains_in_bf16(cfg, use_cuda=True)  # either way: what a baseline must match
+        fp32 = load_config(None, ["pretrain.precision=fp32", f"pretrain.zero_stage={stage}"])
+        assert not trains_in_bf16(fp32, use_cuda=True)
+
+
+def test_a_deepspeed_config_that_turns_bf16_on_trains_in_bf16(tmp_path: Path) -> None:
+    (tmp_path / "ds.json").write_text(json.dumps({"bf16": {"enabled": True}}))
+    cfg = load_config(None, ["pretrain.precision=fp32", f"pretrain.deepspeed_config={tmp_path / 'ds.json'}"])
+    assert trains_in_bf16(cfg, use_cuda=True)
 
 
 def test_this_machines_flags_are_read() -> None:
