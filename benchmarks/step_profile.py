@@ -21,7 +21,7 @@ import collections
 import contextlib
 import io
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import lejepa.train
 from lejepa.config import PipelineConfig
 from lejepa.engine import trains_in_bf16
 from lejepa.manifest import ShardManifest
+from lejepa.testing import around_each_step
 
 HOST_WAITS = ("Synchronize", "cudaMemcpy")
 """CUDA runtime calls where the host waits for the device: `.item()` and the like show up as a stream
@@ -47,23 +48,6 @@ def _profiler(warmup: int, steps: int) -> profile:
     return profile(
         activities=activities, schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps, repeat=1)
     )
-
-
-@contextlib.contextmanager
-def _stepping(prof: profile) -> Iterator[None]:
-    """Advance the profiler's schedule after every training step of `lejepa.train`."""
-    step = lejepa.train.TrainStep.__call__
-
-    def stepped(self: Any, batches: Any) -> Any:
-        out = step(self, batches)
-        prof.step()
-        return out
-
-    lejepa.train.TrainStep.__call__ = stepped
-    try:
-        yield
-    finally:
-        lejepa.train.TrainStep.__call__ = step
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -102,7 +86,13 @@ def report(name: str, prof: profile, steps: int) -> str:
 
 def profile_ours(cfg: PipelineConfig, warmup: int, steps: int) -> profile:
     prof = _profiler(warmup, steps)
-    with prof, _stepping(prof), contextlib.redirect_stdout(io.StringIO()):
+
+    def stepped(_: Any, step: Callable[[], Any]) -> Any:  # advance the profiler's schedule after each step
+        out = step()
+        prof.step()
+        return out
+
+    with prof, around_each_step(stepped), contextlib.redirect_stdout(io.StringIO()):
         lejepa.train.train(cfg)
     return prof
 

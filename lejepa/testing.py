@@ -1,9 +1,11 @@
-"""What the tests and the benchmarks share: a real S3 endpoint, stopping a server, finding processes.
+"""What the tests and the benchmarks share: a real S3 endpoint, stopping a server, finding processes,
+watching training steps.
 
 Not used by the pipeline itself. `moto_server` starts moto's S3 server (the `moto_server` program beside
 this Python) on a free loopback port; `stop` ends a server process; `processes_with` finds the processes
 that carry an environment variable, which every child of a process inherits, so a test or a benchmark
-can see what a killed stage left behind.
+can see what a killed stage left behind; `around_each_step` runs code around every training step of a
+run trained in this process.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lejepa.launch import free_port
 
@@ -81,3 +84,21 @@ def processes_with(variable: str, *, or_below: bool = False) -> list[int]:
         if any(v == wanted or (or_below and v.startswith(wanted + b"/")) for v in environ):
             found.append(int(entry.name))
     return found
+
+
+@contextlib.contextmanager
+def around_each_step(wrapper: Callable[[Any, Callable[[], Any]], Any]) -> Iterator[None]:
+    """Within the block, every `lejepa.train.TrainStep` call in this process runs as
+    `wrapper(train_step, step)`, where calling `step()` takes the step and returns what it returns."""
+    from lejepa.train import TrainStep
+
+    step = TrainStep.__call__
+
+    def wrapped(self: TrainStep, batches: Any) -> Any:
+        return wrapper(self, lambda: step(self, batches))
+
+    TrainStep.__call__ = wrapped  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TrainStep.__call__ = step  # type: ignore[method-assign]

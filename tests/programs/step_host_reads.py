@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 import lejepa.train
 from lejepa.config import load_config
 from lejepa.shard import write_shards
+from lejepa.testing import around_each_step
 
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
 UNWATCHED_STEPS = 3
@@ -64,26 +66,25 @@ def main() -> None:
 
     accelerator.synchronize = counted
     reads, steps, model = HostReads(), [0], []
-    step = lejepa.train.TrainStep.__call__
 
-    def watched(self: Any, batches: Any) -> Any:
+    def watched(train_step: Any, step: Callable[[], Any]) -> Any:
         steps[0] += 1
-        model[:] = [self.engine.module]
+        model[:] = [train_step.engine.module]
         if steps[0] <= UNWATCHED_STEPS:
-            return step(self, batches)
+            return step()
         watching[0] = True
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("error")
         try:
             with reads:
-                return step(self, batches)
+                return step()
         finally:
             watching[0] = False
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode("default")
 
-    lejepa.train.TrainStep.__call__ = watched
-    lejepa.train.train(cfg)
+    with around_each_step(watched):
+        lejepa.train.train(cfg)
     report = {
         "reads": [[name, where, count] for (name, where), count in reads.seen.most_common()],
         "synchronizes": synchronizes[0],
