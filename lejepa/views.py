@@ -5,12 +5,13 @@ The recipe is the paper's (after BYOL/DINO): G global views at crop scale 0.3-1 
 random grayscale, Gaussian blur and solarization. Every random choice is drawn per sample and view from
 one `torch.Generator`, so a seeded call is reproducible.
 
-The colour jitter and random grayscale compose into one affine colour map per crop, applied in one pass
-after the blur (both are linear, so the order does not matter before the clamp): on a GPU a view costs a
-few passes over its pixels instead of dozens. Differences from the torchvision pipeline, made for speed:
+The brightness is applied and clamped first; the rest of the colour jitter and the random grayscale
+compose into one affine colour map per crop, applied in one pass after the blur (both are linear, so the
+order does not matter before the clamp): on a GPU a view costs a few passes over its pixels instead of
+dozens. Differences from the torchvision pipeline, made for speed:
 - crops are resampled bilinearly without antialiasing;
-- the jitter's four adjustments run in a fixed order, with one clamp to [0, 1] at the end instead of one
-  after each;
+- the jitter's four adjustments run in a fixed order, with a clamp to [0, 1] after the brightness and
+  one at the end instead of one after each;
 - the hue shift rotates the chroma plane of YIQ, keeping the luma, instead of shifting HSV's hue: for
   saturated colours the HSV hue moves the same way, within 0.045 turns of the drawn shift of up to 0.1;
 - crops that would not fit (large scale with an extreme aspect ratio) are clamped to the image instead of
@@ -99,18 +100,21 @@ RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.
 
 
 def _random_colour(
-    means: torch.Tensor, gray: torch.Tensor, yiq: torch.Tensor, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour jitter and random grayscale of n crops as one affine map per crop: (n, C, C) and (n, C).
+    crops: torch.Tensor, gray: torch.Tensor, yiq: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Colour jitter and random grayscale of n crops (n, C, H, W): the brightened crops, clamped, and the
+    rest as one affine map per crop, (n, C, C) and (n, C), to apply after them.
 
-    The jitter's adjustments are all affine in the pixel values: brightness scales them, contrast blends
-    them with the mean grey of the image (from the crops' per-channel `means`, (n, C)), saturation blends
-    them with their own grey, the hue shift rotates the chroma plane of YIQ (`yiq`: RGB -> YIQ and its
-    inverse), and grayscale replaces them with their grey (`gray`: the luma weights, (1, C)). So they
-    compose into one matrix and offset, applied in one pass, with one clamp at the end.
+    Brightness scales the pixel values and is clamped at once, as torchvision does: it is the adjustment
+    that pushes most of them past 1, and a clamp only at the end would leave the contrast to pull those
+    back from beyond white. The other adjustments are affine in the pixel values: contrast blends them
+    with the mean grey of the brightened crop, saturation blends them with their own grey, the hue shift
+    rotates the chroma plane of YIQ (`yiq`: RGB -> YIQ and its inverse), and grayscale replaces them with
+    their grey (`gray`: the luma weights, (1, C)). So they compose into one matrix and offset, applied in
+    one pass, with one clamp at the end.
     """
-    n, c = means.shape
-    device = means.device
+    n, c = crops.shape[:2]
+    device = crops.device
     applied = _bernoulli(n, JITTER_P, generator, device)
 
     def factor(strength: float) -> torch.Tensor:
@@ -118,13 +122,12 @@ def _random_colour(
         drawn = _uniform(n, 1 - strength, 1 + strength, generator, device)
         return torch.where(applied, drawn, 1.0).view(n, 1, 1)
 
+    crops = (crops * factor(BRIGHTNESS).unsqueeze(3)).clamp_(0, 1)
     eye = torch.eye(c, device=device)
     to_gray = gray.expand(c, c)  # every channel becomes the grey
-    matrix = factor(BRIGHTNESS) * eye
-    offset = torch.zeros(n, c, 1, device=device)
     contrast = factor(CONTRAST)
-    mean_gray = gray @ (matrix @ means.unsqueeze(2) + offset)  # (n, 1, 1): the grey of the mean pixel
-    matrix, offset = contrast * matrix, contrast * offset + (1 - contrast) * mean_gray
+    mean_gray = gray @ crops.mean((2, 3)).unsqueeze(2)  # (n, 1, 1): the grey of the mean pixel
+    matrix, offset = contrast * eye, (1 - contrast) * mean_gray.expand(n, c, 1)
     if c == 3:  # saturation, hue and grayscale do not exist for grey images
         saturation = factor(SATURATION)
         stages = [saturation * eye + (1 - saturation) * to_gray, _hue_rotation(applied, yiq, generator)]
@@ -132,7 +135,7 @@ def _random_colour(
         stages.append(torch.where(grayscale, to_gray, eye))
         for stage in stages:
             matrix, offset = stage @ matrix, stage @ offset
-    return matrix, offset.squeeze(2)
+    return crops, matrix, offset.squeeze(2)
 
 
 def _hue_rotation(
@@ -294,8 +297,8 @@ class MultiCropViews(nn.Module):
         grid = grid.view(views, b, size, size, 2).transpose(0, 1).reshape(b, views * size, size, 2)
         crops = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         crops = crops.view(b, c, views, size, size).permute(2, 0, 1, 3, 4).reshape(n, c, size, size)
-        # The contrast's mean grey is that of the crop as cut, before the blur.
-        matrix, offset = _random_colour(crops.mean((2, 3)), self.gray, self.yiq, generator)
+        # The contrast's mean grey is that of the brightened crop, before the blur.
+        crops, matrix, offset = _random_colour(crops, self.gray, self.yiq, generator)
         # The blur and the colour map are both linear (the blur's kernel sums to 1), so blurring first and
         # mapping the colours after gives what the reverse order gives, up to the clamp.
         crops = _random_blur(crops, generator)
