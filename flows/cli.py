@@ -16,7 +16,7 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "demo": (
         "flows.run:demo_cli",
-        "the whole pipeline on the defaults (local storage, Fashion-MNIST, CPU, 2 processes)",
+        "the whole pipeline on the defaults (local storage, Fashion-MNIST, the CPU, ~200 s of training)",
     ),
     "run": ("flows.run", "the whole Prefect flow on this machine: shard -> pretrain -> evaluate -> publish"),
     "deploy": ("flows.deploy", "register the deployments (manual, nightly, one per stage) on a work pool"),
