@@ -61,7 +61,7 @@ def _map_shard_groups(
         runner.submit(replace(plan, groups=[group], listing_rejects=[]), 0, group_key(plan, i, continual))
         for i, group in enumerate(plan.groups)
     ]
-    return [future.result() for future in futures]
+    return [GroupResult.from_json(future.result()) for future in futures]
 
 
 @flow(name="lejepa-shard-groups")

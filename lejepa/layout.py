@@ -13,7 +13,7 @@ Under `storage.root` (a local path, `file://...` or `s3://bucket/prefix`):
                evaluation.png, README.md, release.json             # `release.json` commits a release
     models/{name}/latest.json                                      # moves only after a complete release
     {a dataset version, run or model folder}/lease.json            # its one writer (lejepa.lease)
-    prefect-results/                                               # Prefect task results (the cache)
+    prefect-results/                                               # Prefect task results (the cache), JSON
 
 Stages ask these functions for URLs and use these names for files; nothing else spells a path.
 """

@@ -226,6 +226,26 @@ class GroupResult:
     histograms: dict[int, np.ndarray]
     """channels -> (channels, 256) counts of each pixel value, per channel (exact, cheap statistics)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """The result as JSON values (what the orchestrated stage persists), read back by `from_json`."""
+        return {
+            "entry": self.entry.model_dump() if self.entry else None,
+            "rejected": [r.model_dump() for r in self.rejected],
+            "sizes": dict(self.sizes),
+            "modes": dict(self.modes),
+            "histograms": {str(c): h.tolist() for c, h in self.histograms.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GroupResult:
+        return cls(
+            entry=ShardEntry.model_validate(data["entry"]) if data["entry"] else None,
+            rejected=[RejectedSample.model_validate(r) for r in data["rejected"]],
+            sizes=Counter(data["sizes"]),
+            modes=Counter(data["modes"]),
+            histograms={int(c): np.asarray(h, dtype=np.int64) for c, h in data["histograms"].items()},
+        )
+
     def add_image(self, pixels: np.ndarray, mode: str, h: int, w: int) -> None:
         """Add one written image to the statistics."""
         self.sizes[f"{h}x{w}"] += 1

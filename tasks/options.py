@@ -11,21 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.filesystems import RemoteFileSystem
 from prefect.settings import get_current_settings
 
 from lejepa import layout
 from lejepa.config import PipelineConfig, StagePolicy
 from lejepa.shard import GroupResult, ShardPlan
 from lejepa.storage import Storage
+from tasks.results import LocalResults, PlainJSON, StoreResults
 
-_SAVED_BLOCKS: dict[tuple[str, str], RemoteFileSystem] = {}  # (API server, name): saved once each
+_SAVED_BLOCKS: dict[tuple[str, str], LocalResults | StoreResults] = {}  # (API server, name): saved once each
 
 
 def fingerprint(*parts: Any) -> str:
@@ -40,18 +39,17 @@ def public_sections(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
     return {name: tree[name] for name in sections}
 
 
-def result_storage(cfg: PipelineConfig) -> Path | RemoteFileSystem:
-    """Where task results (and so the cache) persist: `{storage.root}/prefect-results`.
+def result_storage(cfg: PipelineConfig) -> LocalResults | StoreResults:
+    """Where task results (and so the cache) persist: `{storage.root}/prefect-results`, as plain JSON only
+    (`tasks.results`).
 
-    A local root is a plain folder. An S3 root needs a block saved in Prefect's database (once per process);
-    it holds only the endpoint and the region, never a secret. The block returned writes through the store's
-    own filesystem, with the config's credentials and options; one loaded from the database elsewhere uses
-    that machine's AWS chain.
+    Prefect takes only a block saved in its database (saved once per process and API server). It holds the
+    folder, and for a remote store only the endpoint and the region, never a secret. The block returned
+    writes through the store's own filesystem, with the config's credentials and options; one loaded from
+    the database elsewhere uses that machine's AWS chain.
     """
     storage = Storage.from_config(cfg.storage)
     url = layout.results_url(storage)
-    if storage.protocol == "file":
-        return Path(url)
     settings: dict[str, Any] = {}
     if cfg.storage.endpoint_url:
         settings["endpoint_url"] = cfg.storage.endpoint_url
@@ -61,19 +59,26 @@ def result_storage(cfg: PipelineConfig) -> Path | RemoteFileSystem:
     server = str(get_current_settings().api.url)
     block = _SAVED_BLOCKS.get((server, name))
     if block is None:
-        block = RemoteFileSystem(basepath=url, settings=settings)
+        local = storage.protocol == "file"
+        block = LocalResults(basepath=url) if local else StoreResults(basepath=url, settings=settings)
         block.save(name, overwrite=True)
         _SAVED_BLOCKS[(server, name)] = block
-    block._filesystem = storage.fs  # the block's fsspec cache: set, it is never built from settings
+    if isinstance(block, StoreResults):
+        block._filesystem = storage.fs  # the block's fsspec cache: set, it is never built from settings
     return block
 
 
 def configured(stage_task: Task, cfg: PipelineConfig, policy: StagePolicy, refresh: bool = False) -> Task:
     """`stage_task` with the retries, delay and timeout of `policy`; a cached task also persists its result
-    to the store (an uncached one, such as a plan of every sample, is never written anywhere)."""
+    to the store, as plain JSON (an uncached one, such as a plan of every sample, is never written
+    anywhere)."""
     options: dict[str, Any] = {"persist_result": False}
     if stage_task.cache_policy is not NO_CACHE:
-        options = {"result_storage": result_storage(cfg), "refresh_cache": refresh}
+        options = {
+            "result_storage": result_storage(cfg),
+            "result_serializer": PlainJSON(),
+            "refresh_cache": refresh,
+        }
     return stage_task.with_options(
         retries=policy.retries,
         retry_delay_seconds=policy.retry_delay_s,

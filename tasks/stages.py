@@ -56,9 +56,10 @@ def plan(cfg: PipelineConfig) -> ShardPlan:
 
 
 @task(name="shard-group", task_run_name="shard {key:.8}", cache_key_fn=key_parameter("shard-group"))
-def shard_group(plan: ShardPlan, index: int, key: str) -> GroupResult:
-    """Write one shard (group `index` of the plan); `key` is its content fingerprint (see group_key)."""
-    return write_shard_group(plan, index)
+def shard_group(plan: ShardPlan, index: int, key: str) -> dict:
+    """Write one shard (group `index` of the plan); `key` is its content fingerprint (see group_key).
+    Returns the `GroupResult` as JSON values: a cached result is plain JSON (see tasks.results)."""
+    return write_shard_group(plan, index).to_json()
 
 
 @task(name="commit-shards", cache_key_fn=key_parameter("commit-shards"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -28,10 +29,13 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,
     TaskRunFilterFlowRunId,
 )
+from prefect.results import ResultRecord, ResultRecordMetadata
+from prefect.serializers import JSONSerializer, PickleSerializer, Serializer
 from prefect.testing.utilities import prefect_test_harness
 
 from lejepa.config import PipelineConfig, load_config
 from lejepa.shard import write_shards
+from tasks.options import configured
 
 SECRET = "do-not-leak-this-secret-value"
 # Tiny everything; no retry delays (the policies still retry).
@@ -144,8 +148,10 @@ def test_whole_flow_completes_publishes_artifacts_then_reruns_from_cache(tmp_pat
         "publish": "Cached",
     }  # lejepa-shard: the subflow's own run
 
-    # Results persist in the store, and no secret reached results, artifacts, rank configs or the API.
-    assert any((root / "prefect-results").iterdir())
+    # Results persist in the store, as plain JSON only, and no secret reached results, artifacts, rank
+    # configs or the API.
+    records = [json.loads(p.read_bytes()) for p in (root / "prefect-results").iterdir()]
+    assert records and all(r["metadata"]["serializer"] == {"type": "lejepa-json"} for r in records)
     leaked = [p for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
     assert not any(
@@ -205,6 +211,57 @@ class FlakyProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class _TouchOnLoad:
+    """Unpickling this creates `path`: what a crafted pickle in the store would do to run its code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+@task(cache_key_fn=lambda context, parameters: f"doubled-{parameters['x']}")
+def _doubled(x: int) -> dict:
+    return {"value": 2 * x}
+
+
+@flow
+def _double_each(config: PipelineConfig, xs: list[int]) -> list[dict]:
+    """One cached task per x, configured as every stage's task is (result storage and serializer)."""
+    doubled = configured(_doubled, config, config.orchestration.shard)
+    return [doubled(x) for x in xs]
+
+
+def _record(serializer: Serializer, value: object) -> bytes:
+    """A Prefect result record, as Prefect itself writes one, of `value` in `serializer`."""
+    return ResultRecord(metadata=ResultRecordMetadata(serializer=serializer), result=value).serialize()
+
+
+def test_a_task_result_in_the_store_that_is_not_plain_json_is_never_loaded(tmp_path: Path) -> None:
+    cfg = tiny(str(tmp_path / "store"))
+    results = tmp_path / "store" / "prefect-results"
+    expected = [{"value": 2 * x} for x in (1, 2, 3, 4)]
+    assert _double_each(cfg, [1, 2, 3, 4]) == expected
+
+    # Someone who can write to the store plants results under three of the four keys.
+    marker = tmp_path / "the-store-ran-code"
+    (results / "doubled-1").write_bytes(_record(PickleSerializer(), _TouchOnLoad(marker)))
+    (results / "doubled-2").write_bytes(PickleSerializer().dumps(_TouchOnLoad(marker)))  # a bare pickle
+    # Prefect's own JSON: its decoder builds whatever class a file names.
+    (results / "doubled-3").write_bytes(_record(JSONSerializer(), {"value": 666}))
+
+    state = _double_each(cfg, [1, 2, 3, 4], return_state=True)
+    assert not marker.exists()
+    assert state.is_completed() and state.result() == expected
+    # The three were refused and recomputed (and rewritten as plain JSON); the untouched one was a cache hit.
+    runs = task_runs_of(state.state_details.flow_run_id)
+    assert sorted(r.state.name for r in runs) == ["Cached", "Completed", "Completed", "Completed"]
+    for key in ("doubled-1", "doubled-2", "doubled-3"):
+        record = json.loads((results / key).read_bytes())
+        assert record["metadata"]["serializer"] == {"type": "lejepa-json"}
 
 
 def test_s3_endpoint_down_for_the_first_attempt_is_retried(bucket: str, aws_env: str) -> None:

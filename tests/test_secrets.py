@@ -237,7 +237,9 @@ def test_a_whole_run_leaves_no_secret_anywhere(s3_credentials: Credentials, tmp_
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["pretrain"]["steps"] == 4 and result["publish"]["promoted"] is True
     stored = objects_in(creds)
-    assert any(k.endswith("/release.json") for k in stored) and any("/prefect-results/" in k for k in stored)
+    assert any(k.endswith("/release.json") for k in stored)
+    results = [json.loads(v) for k, v in stored.items() if "/prefect-results/" in k]
+    assert results and all(r["metadata"]["serializer"] == {"type": "lejepa-json"} for r in results)
     assert any(argv[1:4] == ("-u", "-m", "lejepa.train") for argv in seen.seen), "no rank was sampled"
     database = b"".join(files_under(prefect_home).values())
     assert b"s3_additional_kwargs" in database, "the flow's parameters should be in Prefect's database"

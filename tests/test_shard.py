@@ -24,8 +24,8 @@ from lejepa.config import StorageConfig, load_config
 from lejepa.data import eval_loader
 from lejepa.layout import LEASE
 from lejepa.lease import Lease
-from lejepa.manifest import ShardManifest, latest_manifest_url, manifest_url_for
-from lejepa.shard import CRASH_AFTER_ENV, cli, write_shards
+from lejepa.manifest import RejectedSample, ShardEntry, ShardManifest, latest_manifest_url, manifest_url_for
+from lejepa.shard import CRASH_AFTER_ENV, GroupResult, cli, write_shards
 from lejepa.storage import Storage, StorageError
 from lejepa.tarfiles import iter_tar_samples
 
@@ -394,3 +394,28 @@ def test_a_dataset_being_sharded_refuses_a_second_writer(tmp_path: Path, capsys)
         assert not Path(folder, "manifest.json").exists()
     assert cli([*args, "--no-progress"]) == 0
     assert Path(folder, "manifest.json").exists() and not Path(folder, LEASE).exists()
+
+
+def test_a_group_result_survives_the_plain_json_that_task_results_are_stored_as() -> None:
+    def through_json(result: GroupResult) -> GroupResult:
+        return GroupResult.from_json(json.loads(json.dumps(result.to_json())))
+
+    rng = np.random.default_rng(0)
+    rejected = [RejectedSample(id="a.png", reason="OSError: truncated")]
+    result = GroupResult(None, rejected, Counter(), Counter(), {})
+    result.add_image(rng.integers(0, 256, (6, 5), dtype=np.uint8), "L", 6, 5)
+    result.add_image(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB", 4, 4)
+    result.entry = ShardEntry(url="s3://b/t.tar", split="train", num_samples=2, num_bytes=9, sha256="0f")
+
+    back = through_json(result)
+    assert (back.entry, back.rejected, back.sizes, back.modes) == (
+        result.entry,
+        rejected,
+        Counter({"6x5": 1, "4x4": 1}),
+        Counter({"L": 1, "RGB": 1}),
+    )
+    assert back.histograms.keys() == {1, 3}
+    for channels, counts in result.histograms.items():
+        assert back.histograms[channels].dtype == np.int64
+        np.testing.assert_array_equal(back.histograms[channels], counts)
+    assert through_json(GroupResult(None, [], Counter(), Counter(), {})).entry is None  # an empty group
