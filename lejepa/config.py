@@ -84,6 +84,25 @@ FolderName = Annotated[str, AfterValidator(_folder_name)]
 """A name the pipeline joins into store paths ({root}/runs/{run_name}, ...): one plain path segment."""
 
 
+TIMM_WEIGHT_ARGUMENTS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+"""Arguments of timm.create_model that load weights from the hub or from a file (which older timm
+unpickles): never passed, so weights come only from our own safetensors."""
+
+
+def no_weight_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` for timm.create_model, if none of them would make timm load weights (else ValueError)."""
+    named = [key for key in TIMM_WEIGHT_ARGUMENTS if key in kwargs]
+    if named:
+        raise ValueError(
+            f"{', '.join(named)} would make timm load weights from the hub or a file: remove it "
+            "(weights come from pretrain.init_from or a release's safetensors)"
+        )
+    return kwargs
+
+
+TimmArguments = Annotated[dict[str, Any], AfterValidator(no_weight_arguments)]
+
+
 class ModelConfig(Section):
     backbone: str = "resnet18"
     """Any timm model name; created with pretrained=False."""
@@ -91,8 +110,9 @@ class ModelConfig(Section):
     proj_hidden_dim: int = Field(2048, gt=0)
     proj_layers: int = Field(3, ge=1)
     """Number of Linear layers in the projector (Linear-BN-GELU blocks, then a final Linear)."""
-    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed to timm.create_model (e.g. patch_size for a ViT)."""
+    backbone_kwargs: TimmArguments = Field(default_factory=dict)
+    """Extra keyword arguments passed to timm.create_model (e.g. patch_size for a ViT); none that loads
+    weights."""
     small_input: bool = False
     """Give a ResNet or ConvNeXt a 3x3 stride-1 stem (CIFAR-style) so 28-32 px images keep their detail."""
 

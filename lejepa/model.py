@@ -13,7 +13,7 @@ import torch
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
-from lejepa.config import ModelConfig
+from lejepa.config import ModelConfig, no_weight_arguments
 
 
 def _adapt_stem_to_small_input(backbone: nn.Module, name: str) -> None:
@@ -49,6 +49,7 @@ def create_backbone(
 
     The encoder's backbone, and what an exported encoder is rebuilt from; arguments as for `Encoder`.
     """
+    no_weight_arguments(kwargs)  # also when they come from an encoder.json in the store
     # ViT-like models fix their position embeddings at construction: give them the global view size and
     # let them resample for the smaller local views. ConvNets reject these arguments, so drop them one
     # by one when timm says so, rather than keeping a list of model families here.

@@ -20,7 +20,10 @@ import pytest
 import torch
 import yaml
 
-from lejepa.config import load_config
+import lejepa
+from lejepa.config import ConfigError, load_config
+from lejepa.export import encoder_description, export_encoder
+from lejepa.model import Encoder
 from lejepa.shard import write_shards
 from lejepa.storage import Storage, StorageError
 
@@ -180,3 +183,28 @@ def test_a_scratch_folder_that_is_a_link_is_refused(temp_dir: Path) -> None:
     (temp_dir / f"lejepa-scratch-{os.getuid()}").symlink_to(elsewhere)
     with pytest.raises(StorageError, match="is not a folder"):
         scratch()
+
+
+@pytest.mark.parametrize("argument", ["checkpoint_path", "pretrained"])
+def test_a_config_that_would_make_timm_load_weights_is_refused(argument: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^invalid config: model.backbone_kwargs: .*{argument} would make timm"
+    ):
+        load_config(None, [f"model.backbone_kwargs={{{argument}: /tmp/weights.pth}}"])
+
+
+def test_an_encoder_json_that_names_a_weights_file_is_refused_before_timm_reads_it(tmp_path: Path) -> None:
+    encoder = Encoder("resnet10t", in_chans=1, proj_hidden_dim=32)
+    description = encoder_description("resnet10t", {}, 1, 16, False, encoder.embed_dim, [0.5], [0.5])
+    url = export_encoder(encoder.backbone, description, Storage(str(tmp_path)), str(tmp_path / "run"))
+    # The store's encoder.json points timm at a pickle: older timm would unpickle it, running its code.
+    marker, crafted = tmp_path / "the-store-ran-code", tmp_path / "weights.pth"
+    torch.save({"state_dict": OpensAFile(marker)}, crafted)
+    described = json.loads(Path(url).read_text())
+    Path(url).write_text(json.dumps({**described, "backbone_kwargs": {"checkpoint_path": str(crafted)}}))
+
+    with pytest.raises(
+        ValueError, match="checkpoint_path would make timm load weights from the hub or a file"
+    ):
+        lejepa.load_encoder(url)
+    assert not marker.exists()
