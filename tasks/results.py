@@ -62,16 +62,14 @@ def plain_json_record(path: str, content: bytes) -> bytes:
 class _PlainJSONReads:
     """Makes a Prefect file-system block's reads refuse whatever is not a plain-JSON result record."""
 
-    basepath: str
-
     async def aread_path(self, path: str) -> bytes:
         content = await super().aread_path(path)  # type: ignore[misc]
-        return plain_json_record(posixpath.join(self.basepath, path), content)
+        return plain_json_record(posixpath.join(self.basepath, path), content)  # type: ignore[attr-defined]
 
     @async_dispatch(aread_path)
     def read_path(self, path: str) -> bytes:
         content = super().read_path(path, _sync=True)  # type: ignore[misc]
-        return plain_json_record(posixpath.join(self.basepath, path), content)
+        return plain_json_record(posixpath.join(self.basepath, path), content)  # type: ignore[attr-defined]
 
 
 class LocalResults(_PlainJSONReads, LocalFileSystem):
