@@ -2,7 +2,9 @@
 
 Resuming reads DeepSpeed's checkpoint files with `torch.load(weights_only=True)`: a file holding anything
 but tensors, plain data and the few DeepSpeed types allowed is refused with one `error:` line (exit 2)
-before any of it runs. The local scratch folder of remote stores is private to the user.
+before any of it runs. Neither a config nor a stored encoder.json can make timm load a weights file. The
+local scratch folder of remote stores is private to the user. (The flows' cached task results, plain JSON
+only, are checked in test_flows.py.)
 """
 
 from __future__ import annotations
