@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import (
 from prefect.results import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer, Serializer
 from prefect.testing.utilities import prefect_test_harness
+from test_trust import OpensAFile
 
 from lejepa.config import PipelineConfig, load_config
 from lejepa.shard import write_shards
@@ -213,16 +214,6 @@ class FlakyProxy:
                     pass
 
 
-class _TouchOnLoad:
-    """Unpickling this creates `path`: what a crafted pickle in the store would do to run its code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (Path.touch, (self.path,))
-
-
 @task(cache_key_fn=lambda context, parameters: f"doubled-{parameters['x']}")
 def _doubled(x: int) -> dict:
     return {"value": 2 * x}
@@ -248,8 +239,8 @@ def test_a_task_result_in_the_store_that_is_not_plain_json_is_never_loaded(tmp_p
 
     # Someone who can write to the store plants results under three of the four keys.
     marker = tmp_path / "the-store-ran-code"
-    (results / "doubled-1").write_bytes(_record(PickleSerializer(), _TouchOnLoad(marker)))
-    (results / "doubled-2").write_bytes(PickleSerializer().dumps(_TouchOnLoad(marker)))  # a bare pickle
+    (results / "doubled-1").write_bytes(_record(PickleSerializer(), OpensAFile(marker)))
+    (results / "doubled-2").write_bytes(PickleSerializer().dumps(OpensAFile(marker)))  # a bare pickle
     # Prefect's own JSON: its decoder builds whatever class a file names.
     (results / "doubled-3").write_bytes(_record(JSONSerializer(), {"value": 666}))
 
