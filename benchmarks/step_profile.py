@@ -59,9 +59,16 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _is_kernel(event: Any) -> bool:
+    """A device event that is work: not a range the profiler marks on the device's timeline (its
+    `ProfilerStep#N`, spanning a whole step), which would make the device look busy all step."""
+    annotation = getattr(event, "is_user_annotation", False) or event.name.startswith("ProfilerStep")
+    return event.device_type == DeviceType.CUDA and not annotation
+
+
 def report(name: str, prof: profile, steps: int) -> str:
     events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if _is_kernel(e)]
     host = [e for e in events if e.device_type == DeviceType.CPU]
     first = min(e.time_range.start for e in host)
     last = max([e.time_range.end for e in host] + [end for _, end in kernels])
@@ -79,7 +86,7 @@ def report(name: str, prof: profile, steps: int) -> str:
     )
     table = prof.key_averages()
     if kernels:
-        lines += ["", "by device time:", table.table(sort_by="self_device_time_total", row_limit=15)]
+        lines += ["", "by device time:", table.table(sort_by="self_device_time_total", row_limit=30)]
     lines += ["", "by host time:", table.table(sort_by="self_cpu_time_total", row_limit=15)]
     return "\n".join(lines)
 

@@ -10,9 +10,13 @@
 # then prints one table. Each part has its own time limit and a failure does not stop the others. All parts
 # share one budget, GPU_CHECK_BUDGET seconds (default 470, so the whole check ends within 8 minutes): a
 # part gets at most what is left of it, and is skipped when less than 30 s is left, so the table is always
-# printed. Parts run in order of importance.
+# printed. Parts run in order of importance. GPU_CHECK_PARTS (names, space-separated) runs only those parts,
+# and GPU_CHECK_TESTS replaces the tests part's pytest arguments: both serve a rerun of what failed.
 #
 #   bash infra/gpu_check.sh          (PY=python3 by default; logs and the table go to $OUT, or a temp folder)
+#
+# $OUT ends with three files: gpu_check.log (all the output), table.md, and parts.tar.gz (each part's log
+# and the profiles), as the device tool brings back at most 8 files.
 #
 # Packages the machine lacks travel as wheels in .whl/ and Fashion-MNIST's IDX files in .fashion-mnist/, both
 # git-ignored: infra/README.md says how to make them.
@@ -45,6 +49,9 @@ BUDGET=${GPU_CHECK_BUDGET:-470}
 part() {
     local name=$1 limit=$2 started=$SECONDS left=$((BUDGET - SECONDS))
     shift 2
+    if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ " $GPU_CHECK_PARTS " != *" $name "* ]]; then
+        return
+    fi
     if [ "$left" -lt 30 ]; then
         echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left"
         echo "$name skipped 0" >> "$OUT/parts.txt"
@@ -60,10 +67,11 @@ part() {
 : > "$OUT/parts.txt"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sigreg_cuda.py tests/test_train_cuda.py \
-    tests/test_evaluate_cuda.py tests/test_sigreg.py \
-    "tests/test_launch.py::test_launcher_commands_use_only_options_the_installed_launchers_have" \
-    "tests/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted"
+TESTS=(tests/test_sigreg_cuda.py tests/test_train_cuda.py tests/test_evaluate_cuda.py tests/test_sigreg.py
+       "tests/test_launch.py::test_launcher_commands_use_only_options_the_installed_launchers_have"
+       "tests/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted")
+[ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"
+part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}"
 part sigreg 120 "$PY" benchmarks/sigreg.py --device cuda
 part train_step 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml
 part train_step_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=0 \
@@ -89,6 +97,10 @@ part vit_s16_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yam
     --set views.on_device=true --steps 3 --warmup 5 --out "$OUT/vit_s16_profile.txt"
 part train_step_zero1 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set pretrain.zero_stage=1 \
     --steps 30
+part train_step_loader 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml --set views.on_device=false \
+    --set pretrain.num_workers=12 --steps 30
+part train_step_no_probe 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml \
+    --set pretrain.online_probe=false --steps 30
 
 "$PY" - "$OUT" "$STORE" <<'PY'
 """One table: every part's status and time, with the numbers it measured."""
@@ -148,7 +160,9 @@ for line in (out / "parts.txt").read_text().splitlines():
         rows.append((name, "skipped: the budget was spent", seconds, ""))
         continue
     rows.append((name, "ok" if rc == "0" else f"FAILED ({rc})", seconds, what))
-print("\n| part | status | seconds | result |\n|---|---|---|---|")
-for row in rows:
-    print("| " + " | ".join(row) + " |")
+table = "| part | status | seconds | result |\n|---|---|---|---|\n"
+table += "".join("| " + " | ".join(row) + " |\n" for row in rows)
+(out / "table.md").write_text(table)
+print("\n" + table, end="")
 PY
+(cd "$OUT" && tar -czf parts.tar.gz --remove-files $(ls ./*.log ./*.txt | grep -v '^./gpu_check.log$'))

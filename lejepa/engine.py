@@ -8,10 +8,12 @@ makes from the pretrain section.
 Nothing in a training step waits for the device. DeepSpeed does by default, several times a step: its
 throughput timer synchronizes the device around every step, and under bf16 its overflow check and its
 gradient clipping each read a value back to the host. The generated JSON turns the three off, and the
-optimizer clips and skips instead. (With a DeepSpeed optimizer from `pretrain.deepspeed_config`,
-DeepSpeed clips and checks again. Two paths keep a wait: ZeRO-3, whose step checks its norm on the
-host, and ZeRO 1-2 in fp32, likewise.) Under ZeRO-0, bf16 is torch's autocast over fp32 parameters, as in
-a plain PyTorch loop: DeepSpeed's bf16 wrapper there would read every gradient back at each step.
+optimizer clips and skips instead. ZeRO 1-3 mark a gradient norm that is not finite with a constant
+that DeepSpeed copies from the host at every step: `_mask_non_finite` replaces that masking. (With a
+DeepSpeed optimizer from `pretrain.deepspeed_config`, DeepSpeed clips and checks again. Two paths keep
+a wait: ZeRO-3, whose step checks its norm on the host, and ZeRO 1-2 in fp32, likewise.) Under ZeRO-0,
+bf16 is torch's autocast over fp32 parameters, as in a plain PyTorch loop: DeepSpeed's bf16 wrapper
+there would read every gradient back at each step.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ def build_engine(
                 optimizer,
                 lambda step: warmup_cosine(step, total_steps(), p.warmup_fraction, p.min_lr_ratio),
             )
+    _without_host_copies()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -190,6 +193,26 @@ def build_engine(
         return engine, torch.float32, optimizer
     keep_norm_statistics_fp32(engine.module)  # bf16 parameters, fp32 BatchNorm statistics
     return engine, torch.bfloat16, optimizer
+
+
+def _mask_non_finite(norm: Tensor, device: Any = None, val: float = -1.0) -> None:
+    """DeepSpeed's `mask_nan_or_inf_with_val_inplace`, without its host copy: the norm's non-finite
+    entries become `val` (-1, DeepSpeed's mark of a norm that is not finite).
+
+    DeepSpeed builds its -1 as `torch.tensor(-1.0, device=device)` at every step, a copy from pageable
+    host memory that makes the host wait for the GPU to drain. A Python scalar needs no copy.
+    """
+    norm.masked_fill_(~torch.isfinite(norm), val)
+
+
+def _without_host_copies() -> None:
+    """Point DeepSpeed's ZeRO modules at `_mask_non_finite` (those that have the function)."""
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+
+    for module in (stage_1_and_2, stage3):
+        if hasattr(module, "mask_nan_or_inf_with_val_inplace"):
+            module.mask_nan_or_inf_with_val_inplace = _mask_non_finite
 
 
 def follow_schedule(engine: Any) -> None:

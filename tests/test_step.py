@@ -1,11 +1,13 @@
 """A training step never makes the host wait for the device (which a GPU turns into idle time).
 
 The CPU cannot show a GPU's stall, but it can count its causes: `tests/programs/step_host_reads.py`
-trains one rank and records every read of a tensor's value by the host, and every device synchronize,
-inside the training steps after the first few. DeepSpeed's defaults made five a step under bf16 ZeRO-2
-(its throughput timer's two synchronizes, the overflow check's `.item()`, the clip's `bool(norm)`), and
-DeepSpeed's bf16 mode about 52 a step under ZeRO-0, where its wrapper checks every gradient: there bf16
-is torch's autocast instead.
+trains one rank and records every read of a tensor's value by the host, every tensor built from host
+values onto the device, and every device synchronize, inside the training steps after the first few.
+DeepSpeed's defaults made five a step under bf16 ZeRO-2 (its throughput timer's two synchronizes, the
+overflow check's `.item()`, the clip's `bool(norm)`), and its ZeRO 1-2 one more per parameter group on
+any settings (the -1 it masks a non-finite gradient norm with, copied from the host: on an H200 that
+one cost 16% of the GPU profile's throughput). DeepSpeed's bf16 mode made about 52 a step under ZeRO-0,
+where its wrapper checks every gradient: there bf16 is torch's autocast instead.
 `tests/test_train_cuda.py` checks the same on a GPU with torch's sync debug mode.
 """
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
 
@@ -74,3 +77,17 @@ def test_deepspeed_defaults_would_read_back_every_step(tmp_path: Path) -> None:
     )
     assert report["synchronizes"] >= 2 * report["steps"], report
     assert any(name == "item" for name, _, _ in report["reads"]), report
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_zero_norm_masking_without_a_host_copy_marks_as_deepspeed_does(shape: tuple[int, ...]) -> None:
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    from lejepa.engine import _mask_non_finite
+
+    values = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0, 0.0])
+    for value in values if shape == () else [values]:
+        theirs, ours = value.clone(), value.clone()
+        mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
+        _mask_non_finite(ours)
+        assert torch.equal(ours, theirs), (value, ours, theirs)

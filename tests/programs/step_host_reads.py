@@ -1,9 +1,11 @@
 """Test program: train one rank in this process and report what its training steps read back to the host.
 
-On a GPU, every read of a tensor's value by the host (`.item()`, `bool(t)`, `.tolist()`, ...) and every
-device synchronize stops the host until the device has drained. This machine's CPU cannot show the stall,
-but it can count the reads: the steps after the first few run under a torch function mode that records
-each one with where it came from, and DeepSpeed's accelerator `synchronize` is counted. On a GPU those
+On a GPU, every read of a tensor's value by the host (`.item()`, `bool(t)`, `.tolist()`, ...), every
+tensor built from host values onto the device (`torch.tensor(x, device=...)`: a copy from pageable
+memory) and every device synchronize stops the host until the device has drained. This machine's CPU
+cannot show the stall, but it can count the causes: the steps after the first few run under a torch
+function mode that records each read and copy with where it came from, and DeepSpeed's accelerator
+`synchronize` is counted. On a GPU those
 steps also run under torch's sync debug mode, so anything else that waits for the device raises. Prints
 one JSON line: {"reads": [[name, where, count], ...], "synchronizes": N, "steps": N, "autocast": bool,
 "parameters": dtype}, the last two saying how the model ran.
@@ -29,6 +31,8 @@ from lejepa.shard import write_shards
 from lejepa.testing import around_each_step
 
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
+HOST_COPIES = {"tensor", "as_tensor"}
+"""Tensors built from host values onto a device: on a GPU a copy from pageable memory, which waits for it."""
 UNWATCHED_STEPS = 3
 """The first steps build state (optimizer moments, DeepSpeed buffers) and are not counted."""
 
@@ -40,7 +44,7 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        if name in HOST_READS or (name in HOST_COPIES and (kwargs or {}).get("device") is not None):
             frames = traceback.extract_stack(limit=4)[:-1]
             where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(frames))
             self.seen[(name, where)] += 1
