@@ -180,6 +180,9 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if world == 1 and not engine.zero_optimization():
+        # One rank: averaging its gradients over a group of one copies each of them twice and back.
+        engine.enable_backward_allreduce = False
     if optimizer is not None and engine.zero_optimization():
         # ZeRO steps the optimizer one partition at a time, after computing the norm of all of them.
         if not engine.zero_compute_grad_norm():

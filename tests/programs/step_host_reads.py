@@ -6,9 +6,10 @@ memory) and every device synchronize stops the host until the device has drained
 cannot show the stall, but it can count the causes: the steps after the first few run under a torch
 function mode that records each read and copy with where it came from, and DeepSpeed's accelerator
 `synchronize` is counted. On a GPU those
-steps also run under torch's sync debug mode, so anything else that waits for the device raises. Prints
-one JSON line: {"reads": [[name, where, count], ...], "synchronizes": N, "steps": N, "autocast": bool,
-"parameters": dtype}, the last two saying how the model ran.
+steps also run under torch's sync debug mode, so anything else that waits for the device raises. The
+steps' all-reduces are counted too. Prints one JSON line: {"reads": [[name, where, count], ...],
+"synchronizes": N, "all_reduces": N, "steps": N, "autocast": bool, "parameters": dtype}, the last two
+saying how the model ran.
 
     python tests/programs/step_host_reads.py --set key=value ...
 """
@@ -69,6 +70,13 @@ def main() -> None:
         return synchronize(*a, **k)
 
     accelerator.synchronize = counted
+    collectives, all_reduce = [0], torch.distributed.all_reduce
+
+    def counted_all_reduce(*a: Any, **k: Any) -> Any:
+        collectives[0] += watching[0]
+        return all_reduce(*a, **k)
+
+    torch.distributed.all_reduce = counted_all_reduce
     reads, steps, model = HostReads(), [0], []
 
     def watched(train_step: Any, step: Callable[[], Any]) -> Any:
@@ -92,6 +100,7 @@ def main() -> None:
     report = {
         "reads": [[name, where, count] for (name, where), count in reads.seen.most_common()],
         "synchronizes": synchronizes[0],
+        "all_reduces": collectives[0],
         "steps": steps[0] - UNWATCHED_STEPS,
         "autocast": model[0].autocast,
         "parameters": str(next(model[0].parameters()).dtype),
