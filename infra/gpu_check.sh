@@ -89,7 +89,8 @@ IMAGES=$WORK/jpeg
 VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.backbone=vit_small_patch16_224
          "--set=model.backbone_kwargs={patch_size: 16}" --set views.global_size=224 --set views.local_size=96
          --set pretrain.batch_size=128 --set pretrain.num_workers=12)
-part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 4096 --size 256
+# 8,192 images: the ViT-S/16 parts' 40 steps of 128 stay inside one epoch of the training split.
+part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 8192 --size 256
 part vit_s16_device 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
     --set views.on_device=true --steps 30 --warmup 10
 part step_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml --out "$OUT/step_profile.txt"
