@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,23 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> di
     return merged
 
 
+DEEPSPEED_FLOOR = (0, 19, 8)
+"""The oldest DeepSpeed this runs on. 0.19.7 combined ZeRO's -1 mark of a non-finite group norm into a
+finite global norm, so `DeviceAdamW` stepped on NaN gradients instead of skipping the step; older ones
+cannot say whether ZeRO computes the norm (`zero_compute_grad_norm`)."""
+
+
+def require_deepspeed(version: str) -> None:
+    """Refuse a DeepSpeed older than `DEEPSPEED_FLOOR`, with the command that fixes it."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if found < DEEPSPEED_FLOOR:
+        floor = ".".join(map(str, DEEPSPEED_FLOOR))
+        raise ConfigError(
+            f"DeepSpeed {version} is older than {floor}, the oldest this pipeline trains with: "
+            f"pip install 'deepspeed>={floor}'"
+        )
+
+
 def _bf16(cfg: PipelineConfig, use_cuda: bool) -> bool:
     return resolve_precision(cfg.pretrain.precision, "cuda" if use_cuda else "cpu") == "bf16"
 
@@ -160,6 +178,7 @@ def build_engine(
     """
     import deepspeed
 
+    require_deepspeed(deepspeed.__version__)
     p = cfg.pretrain
     sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, seed=cfg.seed)
     use_cuda = device.type == "cuda"

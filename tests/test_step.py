@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lejepa.config import ConfigError, load_config
+from lejepa.engine import build_engine, require_deepspeed
+from lejepa.model import Encoder
+
 PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
 
 
@@ -95,3 +99,18 @@ def test_zero_norm_masking_without_a_host_copy_marks_as_deepspeed_does(shape: tu
         mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
         _mask_non_finite(ours)
         assert torch.equal(ours, theirs), (value, ours, theirs)
+
+
+def test_a_deepspeed_whose_zero_would_step_on_nan_gradients_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # DeepSpeed 0.19.7 turned the -1 above into a finite global norm, so a NaN step was not skipped.
+    import deepspeed
+
+    cfg = load_config(None, ["model.backbone=resnet10t", "pretrain.zero_stage=2"])
+    encoder = Encoder.from_config(cfg.model, in_chans=1, img_size=8)
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.7")
+    refused = r"DeepSpeed 0\.19\.7 is older than 0\.19\.8.*: pip install 'deepspeed>=0\.19\.8'"
+    with pytest.raises(ConfigError, match=refused):
+        build_engine(cfg, encoder, 1, torch.device("cpu"), lambda: 10)
+    require_deepspeed("0.20.0+cu130")  # a newer one, with a local version suffix, is taken
