@@ -90,9 +90,9 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, use_cuda: bool) -> di
         "gradient_clipping": 0.0,
         "bf16": {"enabled": _bf16_parameters(cfg, use_cuda), "check_grad_overflow": False},
         # ZeRO 1-2 copy each gradient into a contiguous buffer as it is produced, at about seven operator
-        # calls a parameter on the host (1,127 of a ViT-Tiny step's 6,401), which bound a small step on a
-        # GPU. Without it a bucket is flattened once when it is reduced. Turn it back on in
-        # `pretrain.deepspeed_config` for models big enough to fragment the GPU's memory.
+        # calls a parameter on the host (1,127 of a ViT-Tiny step's 6,401: benchmarks/step_calls.py), and
+        # such calls bound a small step on a GPU. Without it a bucket is flattened once when it is reduced.
+        # Turn it back on in `pretrain.deepspeed_config` for models big enough to fragment GPU memory.
         "zero_optimization": {"stage": p.zero_stage, "contiguous_gradients": False},
         # Our optimizer is torch's AdamW, not one of DeepSpeed's: allow it under ZeRO.
         "zero_allow_untested_optimizer": True,
