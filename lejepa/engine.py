@@ -204,7 +204,8 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     if world == 1 and not engine.zero_optimization():
-        # One rank: averaging its gradients over a group of one copies each of them twice and back.
+        # One rank has nothing to average: DeepSpeed's all-reduce would copy each gradient into a bucket
+        # and back at every step (benchmarks/step_calls.py).
         engine.enable_backward_allreduce = False
     if optimizer is not None and engine.zero_optimization():
         # ZeRO steps the optimizer one partition at a time, after computing the norm of all of them.

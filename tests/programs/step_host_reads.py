@@ -5,11 +5,10 @@ tensor built from host values onto the device (`torch.tensor(x, device=...)`: a 
 memory) and every device synchronize stops the host until the device has drained. This machine's CPU
 cannot show the stall, but it can count the causes: the steps after the first few run under a torch
 function mode that records each read and copy with where it came from, and DeepSpeed's accelerator
-`synchronize` is counted. On a GPU those
-steps also run under torch's sync debug mode, so anything else that waits for the device raises. The
-steps' all-reduces are counted too. Prints one JSON line: {"reads": [[name, where, count], ...],
-"synchronizes": N, "all_reduces": N, "steps": N, "autocast": bool, "parameters": dtype}, the last two
-saying how the model ran.
+`synchronize` is counted. On a GPU those steps also run under torch's sync debug mode, so anything else
+that waits for the device raises. The steps' all-reduces are counted too. Prints one JSON line:
+{"reads": [[name, where, count], ...], "synchronizes": N, "all_reduces": N, "steps": N,
+"autocast": bool, "parameters": dtype}, the last two saying how the model ran.
 
     python tests/programs/step_host_reads.py --set key=value ...
 """
