@@ -3,7 +3,8 @@
 #   1. the CUDA tests (SIGReg, training on one GPU rank over NCCL, evaluation on the device) and the launcher's
 #      option and error tests against this machine's torch;
 #   2. benchmarks/sigreg.py and benchmarks/train_step.py on CUDA (the GPU profile, infra/gpu.yaml, ZeRO 2,
-#      1 and 0), and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
+#      1 and 0, and variants: DeepSpeed's contiguous gradients, views made in the loader, no online probe),
+#      and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
 #   3. shard -> pretrain -> evaluate -> publish of Fashion-MNIST with infra/gpu.yaml;
 #   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, against
 #      the plain loop, and its profile;
@@ -93,6 +94,11 @@ VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.bac
 part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 8192 --size 256
 part vit_s16_device 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
     --set views.on_device=true --steps 30 --warmup 10
+# DeepSpeed's contiguous gradients, which the generated JSON turns off (benchmarks/step_calls.py): the
+# same step with them on, to compare with train_step.
+echo '{"zero_optimization": {"contiguous_gradients": true}}' > "$WORK/contiguous.json"
+part train_step_contiguous 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml \
+    --set "pretrain.deepspeed_config=$WORK/contiguous.json" --steps 30
 part step_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml --out "$OUT/step_profile.txt"
 part vit_s16_profile 150 "$PY" benchmarks/step_profile.py --config infra/gpu.yaml "${VIT_S16[@]}" \
     --set views.on_device=true --steps 3 --warmup 5 --out "$OUT/vit_s16_profile.txt"
