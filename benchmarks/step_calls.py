@@ -6,7 +6,9 @@ its pace, and `benchmarks/step_profile.py` needs a GPU to show it. This count ne
 rank in this process and counts the operator calls of the steps after the first three (which build
 optimizer and DeepSpeed state), per step, grouped by the innermost file of ours, of DeepSpeed or of
 torch.optim that made them. The backward pass counts as DeepSpeed's `engine` (it runs inside
-`engine.backward`).
+`engine.backward`). The baseline is the plain PyTorch loop of `benchmarks/train_step.py` on the same
+model, views and batch (views made before counting), with torch's AdamW in its multi-tensor form, the
+one it takes on a GPU (on the CPU it would step one parameter at a time).
 
 The default run is a ViT-Tiny with 4 px patches on 16/8 px views of the digits dataset, batch 16, bf16
 under ZeRO-2: a step small enough to count in seconds.
@@ -25,11 +27,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_step import sharded_run
 
 import lejepa.train
-from lejepa.config import load_config
-from lejepa.shard import write_shards
+from lejepa.config import PipelineConfig
+from lejepa.engine import trains_in_bf16
+from lejepa.manifest import ShardManifest
+from lejepa.minimal import MinimalTrainer
 from lejepa.testing import around_each_step
 
 UNCOUNTED_STEPS = 3
@@ -71,28 +77,57 @@ class CallCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def ours(cfg: PipelineConfig, steps: int) -> CallCount:
+    calls, seen = CallCount(), [0]
+
+    def counted(_: Any, step: Callable[[], Any]) -> Any:
+        seen[0] += 1
+        if seen[0] <= UNCOUNTED_STEPS:
+            return step()
+        with calls:
+            return step()
+
+    with around_each_step(counted), contextlib.redirect_stdout(io.StringIO()):
+        lejepa.train.train(cfg)
+    return calls
+
+
+def plain(cfg: PipelineConfig, manifest: ShardManifest, steps: int) -> CallCount:
+    torch.manual_seed(cfg.seed)
+    trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
+    trainer.optimizer = torch.optim.AdamW(
+        trainer.encoder.parameters(), lr=2e-3, weight_decay=5e-4, foreach=True
+    )
+    size, generator = manifest.longer_side, torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(
+        0, 256, (cfg.pretrain.batch_size, manifest.channels, size, size), dtype=torch.uint8
+    )
+    views = trainer.views(images, generator)
+    calls = CallCount()
+    for step in range(UNCOUNTED_STEPS + steps):
+        with contextlib.ExitStack() as stack:
+            if step >= UNCOUNTED_STEPS:
+                stack.enter_context(calls)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trains_in_bf16(cfg, use_cuda=False)):
+                trainer.step_on_views(*views)
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="counted steps (after three uncounted ones)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    calls, steps = CallCount(), [0]
-
-    def counted(_: Any, step: Callable[[], Any]) -> Any:
-        steps[0] += 1
-        if steps[0] <= UNCOUNTED_STEPS:
-            return step()
-        with calls:
-            return step()
-
     with tempfile.TemporaryDirectory() as root:
         total = UNCOUNTED_STEPS + args.steps
-        cfg = load_config(None, [f"storage.root={root}", f"pretrain.max_steps={total}", *TINY, *args.set])
-        write_shards(cfg, progress=False)
-        with around_each_step(counted), contextlib.redirect_stdout(io.StringIO()):
-            lejepa.train.train(cfg)
-    per_step = {name: count / args.steps for name, count in calls.by_origin.most_common()}
-    print(f"operator calls per training step: {sum(per_step.values()):.0f}")
+        cfg, manifest = sharded_run(None, root, "step-calls", total, [*TINY, *args.set])
+        our_calls = ours(cfg, args.steps)
+    plain_calls = plain(cfg, manifest, args.steps)
+    per_step = {name: count / args.steps for name, count in our_calls.by_origin.most_common()}
+    ours_total, plain_total = sum(per_step.values()), sum(plain_calls.by_origin.values()) / args.steps
+    print(f"operator calls per training step: ours {ours_total:.0f}, plain loop {plain_total:.0f}")
+    print(f"ratio ours / plain: {ours_total / plain_total:.2f}")
+    print("ours, by origin:")
     for name, count in per_step.items():
         print(f"  {name:45s} {count:8.0f}")
 
