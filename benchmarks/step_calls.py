@@ -68,6 +68,8 @@ def origin(stack: list[traceback.FrameSummary]) -> str:
 
 
 class CallCount(TorchDispatchMode):
+    """Counts every operator call made while it is entered, by `origin`."""
+
     def __init__(self) -> None:
         super().__init__()
         self.by_origin: collections.Counter[str] = collections.Counter()
@@ -77,7 +79,8 @@ class CallCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ours(cfg: PipelineConfig, steps: int) -> CallCount:
+def ours(cfg: PipelineConfig) -> CallCount:
+    """The calls of a real run's steps (`lejepa.train.train` in this process), after the first three."""
     calls, seen = CallCount(), [0]
 
     def counted(_: Any, step: Callable[[], Any]) -> Any:
@@ -93,6 +96,7 @@ def ours(cfg: PipelineConfig, steps: int) -> CallCount:
 
 
 def plain(cfg: PipelineConfig, manifest: ShardManifest, steps: int) -> CallCount:
+    """The calls of the plain loop's steps on precomputed views, after the first three."""
     torch.manual_seed(cfg.seed)
     trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
     trainer.optimizer = torch.optim.AdamW(
@@ -121,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         total = UNCOUNTED_STEPS + args.steps
         cfg, manifest = sharded_run(None, root, "step-calls", total, [*TINY, *args.set])
-        our_calls = ours(cfg, args.steps)
+        our_calls = ours(cfg)
     plain_calls = plain(cfg, manifest, args.steps)
     per_step = {name: count / args.steps for name, count in our_calls.by_origin.most_common()}
     ours_total, plain_total = sum(per_step.values()), sum(plain_calls.by_origin.values()) / args.steps
