@@ -94,6 +94,10 @@ VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.bac
 part jpeg_folder 60 "$PY" benchmarks/make_imagefolder.py "$IMAGES" --count 8192 --size 256
 part vit_s16_device 180 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
     --set views.on_device=true --steps 30 --warmup 10
+# The same at ZeRO 0, whose step makes about as many host calls as the plain loop (benchmarks/step_calls.py):
+# where ViT-S/16's step is bound by the host, this shows what DeepSpeed's ZeRO-2 costs there.
+part vit_s16_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml "${VIT_S16[@]}" \
+    --set views.on_device=true --set pretrain.zero_stage=0 --steps 30 --warmup 10
 # DeepSpeed's contiguous gradients, which the generated JSON turns off (benchmarks/step_calls.py): the
 # same step with them on, to compare with train_step.
 echo '{"zero_optimization": {"contiguous_gradients": true}}' > "$WORK/contiguous.json"
