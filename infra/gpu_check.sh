@@ -7,7 +7,7 @@
 #      and benchmarks/step_profile.py: where the step's time goes, ours against the plain loop;
 #   3. shard -> pretrain -> evaluate -> publish of Fashion-MNIST with infra/gpu.yaml;
 #   4. ViT-S/16 on 2 x 224 px + 6 x 96 px views from a JPEG ImageFolder, views made on the GPU, against
-#      the plain loop, and its profile;
+#      the plain loop (at ZeRO 2 and 0), and its profile;
 # then prints one table. Each part has its own time limit and a failure does not stop the others. All parts
 # share one budget, GPU_CHECK_BUDGET seconds (default 470, so the whole check ends within 8 minutes): a
 # part gets at most what is left of it, and is skipped when less than 30 s is left, so the table is always
