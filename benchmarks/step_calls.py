@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_step import sharded_run
+from train_step import plain_trainer, sharded_run
 
 import lejepa.train
 from lejepa.config import PipelineConfig
 from lejepa.engine import trains_in_bf16
 from lejepa.manifest import ShardManifest
-from lejepa.minimal import MinimalTrainer
 from lejepa.testing import around_each_step
 
 UNCOUNTED_STEPS = 3
@@ -97,23 +96,16 @@ def ours(cfg: PipelineConfig) -> CallCount:
 
 def plain(cfg: PipelineConfig, manifest: ShardManifest, steps: int) -> CallCount:
     """The calls of the plain loop's steps on precomputed views, after the first three."""
-    torch.manual_seed(cfg.seed)
-    trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
-    trainer.optimizer = torch.optim.AdamW(
-        trainer.encoder.parameters(), lr=2e-3, weight_decay=5e-4, foreach=True
-    )
-    size, generator = manifest.longer_side, torch.Generator().manual_seed(cfg.seed)
-    images = torch.randint(
-        0, 256, (cfg.pretrain.batch_size, manifest.channels, size, size), dtype=torch.uint8
-    )
-    views = trainer.views(images, generator)
+    trainer, views = plain_trainer(cfg, manifest, torch.device("cpu"))
+    for group in trainer.optimizer.param_groups:
+        group["foreach"] = True  # AdamW's multi-tensor form, the one it takes on a GPU
     calls = CallCount()
     for step in range(UNCOUNTED_STEPS + steps):
         with contextlib.ExitStack() as stack:
             if step >= UNCOUNTED_STEPS:
                 stack.enter_context(calls)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trains_in_bf16(cfg, use_cuda=False)):
-                trainer.step_on_views(*views)
+                trainer.step_on_views(*views[step % len(views)])
     return calls
 
 

@@ -61,6 +61,21 @@ def ours(cfg: PipelineConfig, warmup: int, cuda: bool) -> tuple[float, float]:
     return rate, statistics.mean(r["data_wait"] for r in timed)
 
 
+def plain_trainer(
+    cfg: PipelineConfig, manifest: ShardManifest, device: torch.device
+) -> tuple[MinimalTrainer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The plain loop's trainer on `device`, seeded, and four batches of views of random images for it."""
+    torch.manual_seed(cfg.seed)
+    trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
+    for module in (trainer.encoder, trainer.sigreg, trainer.views):
+        module.to(device)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    size = manifest.longer_side
+    shape = (cfg.pretrain.batch_size, manifest.channels, size, size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    return trainer, [trainer.views(images, generator) for _ in range(4)]
+
+
 def plain_loop(
     cfg: PipelineConfig,
     manifest: ShardManifest,
@@ -71,15 +86,8 @@ def plain_loop(
     after_step: Callable[[], None] | None = None,
 ) -> float:
     """The plain loop's images/s on precomputed views, on `device`; `after_step` is called after each step."""
-    torch.manual_seed(cfg.seed)
-    trainer = MinimalTrainer(cfg, resolution=manifest.longer_side, channels=manifest.channels)
-    for module in (trainer.encoder, trainer.sigreg, trainer.views):
-        module.to(device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    size = manifest.longer_side
+    trainer, views = plain_trainer(cfg, manifest, device)
     batch = cfg.pretrain.batch_size
-    images = torch.randint(0, 256, (batch, manifest.channels, size, size), dtype=torch.uint8, device=device)
-    views = [trainer.views(images, generator) for _ in range(4)]
     rates, started = [], 0.0
     for step in range(warmup + steps):
         if step == warmup and device.type == "cuda":

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lejepa.config import ConfigError, load_config
-from lejepa.engine import build_engine, require_deepspeed
+from lejepa.engine import _mask_non_finite, build_engine, require_deepspeed
 from lejepa.model import Encoder
 
 PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
@@ -90,8 +90,6 @@ def test_deepspeed_defaults_would_read_back_every_step(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shape", [(), (5,)])
 def test_zero_norm_masking_without_a_host_copy_marks_as_deepspeed_does(shape: tuple[int, ...]) -> None:
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-
-    from lejepa.engine import _mask_non_finite
 
     values = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0, 0.0])
     for value in values if shape == () else [values]:
