@@ -67,6 +67,15 @@ SSH_ARGUMENTS = {
     "-l": NAME,
 }
 """The ssh flags that take a value, and the values each accepts."""
+# Kubernetes' own name rules (DNS-1123 labels and subdomains, label keys and values, quantities), and a
+# container image reference: values that reach a manifest must be what the API server itself accepts.
+K8S_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+K8S_SUBDOMAIN = re.compile(rf"(?=.{{1,253}}$){K8S_LABEL.pattern}(\.{K8S_LABEL.pattern})*")
+K8S_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+K8S_LABEL_KEY = re.compile(rf"({K8S_SUBDOMAIN.pattern}/)?(?=.)({K8S_LABEL_VALUE.pattern})")
+K8S_QUANTITY = re.compile(r"\d+(\.\d+)?([KMGTPE]i|[kMGTPE])?")
+IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,499}")
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
 
 
 def _refused(value: object, what: str) -> PydanticCustomError:
@@ -284,11 +293,12 @@ class PretrainConfig(Section):
 
 
 class LaunchConfig(Section):
-    mode: Literal["local", "hostfile", "slurm"] = "local"
-    """Where the ranks run: this machine, the hosts of a hostfile (DeepSpeed's launcher), or a Slurm job."""
+    mode: Literal["local", "hostfile", "slurm", "kubernetes"] = "local"
+    """Where the ranks run: this machine, the hosts of a hostfile (DeepSpeed's launcher), a Slurm job, or a
+    Kubernetes job (see lejepa.kubernetes)."""
     nproc_per_node: int | None = Field(None, gt=0)
     """Ranks per node; None: one per GPU, else 2 on a CPU-only machine (local), the hostfile's slots
-    (hostfile), gpus_per_node or 1 (slurm)."""
+    (hostfile), gpus_per_node or 1 (slurm, kubernetes)."""
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
     """cpu sets DS_ACCELERATOR=cpu on every rank (gloo); auto is cuda when this machine sees a GPU
     (slurm: when gpus_per_node is set)."""
@@ -298,8 +308,9 @@ class LaunchConfig(Section):
     """Address of the node of rank 0; None: 127.0.0.1 (local), the hostfile's first host (hostfile), the
     allocation's first node (slurm). Required with no_ssh."""
     master_port: int | None = Field(None, gt=0, lt=65536)
-    """Rendezvous port; None picks a free one on this machine (slurm: derived from the job id).
-    Required with no_ssh, where every node's launcher must name the same port."""
+    """Rendezvous port; None picks a free one on this machine (slurm: derived from the job id; kubernetes:
+    29500 on node 0's pod, or what a TrainJob's runtime sets). Required with no_ssh, where every node's
+    launcher must name the same port."""
     hostfile: str | None = None
     """MPI-style hostfile for hostfile mode, one `host slots=N` per line (see infra/hostfile.example)."""
     multinode_launcher: Literal["pdsh", "openmpi", "mpich", "impi", "mvapich"] = "pdsh"
@@ -310,7 +321,8 @@ class LaunchConfig(Section):
     node_rank: int | None = Field(None, ge=0)
     """This node's index in the hostfile (0 = the node of rank 0); required with no_ssh."""
     nnodes: int | None = Field(None, gt=0)
-    """Nodes to use: the hostfile's first nnodes hosts (None: all), or the nodes Slurm allocates (None: 1)."""
+    """Nodes to use: the hostfile's first nnodes hosts (None: all), or the nodes Slurm allocates or the
+    Kubernetes pods (None: 1)."""
     ssh_port: int | None = Field(None, gt=0, lt=65536)
     """Port of sshd on the hosts (hostfile mode with pdsh); None uses ssh's default or ssh_config."""
     ssh_options: list[str] = Field(default_factory=list)
@@ -327,18 +339,51 @@ class LaunchConfig(Section):
     time: str | None = None
     """Slurm time limit, e.g. "04:00:00" or "2-00:00:00"; None uses the partition's default."""
     gpus_per_node: int | None = Field(None, ge=0)
-    """GPUs Slurm allocates on each node; None or 0 runs a CPU job."""
+    """GPUs Slurm allocates on each node (kubernetes: each pod's nvidia.com/gpu); None or 0 runs a CPU job."""
     cpus_per_task: int | None = Field(None, gt=0)
-    """CPU cores per rank in a Slurm job; also the ranks' OMP_NUM_THREADS."""
+    """CPU cores per rank in a Slurm job (kubernetes: each pod requests this times its ranks); also the
+    ranks' OMP_NUM_THREADS."""
     extra_sbatch: list[str] = Field(default_factory=list)
     """More sbatch options, one per item, written as `#SBATCH <item>` (e.g. "--exclusive", "--qos=high"); the
     options of SBATCH_OPTIONS only."""
     job_name: str = "lejepa-pretrain"
-    """Slurm job name; also names the generated script and its log."""
+    """Slurm job name; also names the generated script and its log. Kubernetes: the start of the job's name
+    (lower-case letters, digits and '-')."""
     slurm_dir: str = "slurm"
     """Directory (on the shared file system) for the generated sbatch script and the job's log."""
     wait: bool = True
-    """Slurm: wait for the job to end, streaming its log, and return its exit status; False only submits."""
+    """Slurm: follow the job to its end (through requeues), streaming its log; False only submits."""
+    requeue_on_timeout: bool = False
+    """Slurm: a job about to reach launch.time requeues itself (its ranks commit a checkpoint) and comes
+    back to resume, until the run is done; False lets it end at the time limit (run the stage again)."""
+    timeout_signal_s: int = Field(120, ge=10)
+    """With requeue_on_timeout: seconds before the time limit at which the job requeues itself (Slurm's
+    --signal=B:USR1@N; Slurm may signal up to a minute early)."""
+    image: str | None = None
+    """Kubernetes: the ranks' container image, with this package installed (e.g.
+    registry.example.com/lejepa:0.1.0); required in that mode."""
+    namespace: str = "default"
+    """Kubernetes namespace of the job, its pods, its ConfigMap and its Service."""
+    job_kind: Literal["auto", "TrainJob", "PyTorchJob", "Job"] = "auto"
+    """Kubernetes object that runs the ranks; auto: a Kubeflow Trainer TrainJob where the cluster serves that
+    API, else a training operator PyTorchJob where it serves that one, else an indexed batch/v1 Job."""
+    runtime_ref: str = "torch-distributed"
+    """The ClusterTrainingRuntime a TrainJob runs on (Kubeflow Trainer's PyTorch runtime by default)."""
+    service_account: str | None = None
+    """Kubernetes service account of the rank pods; None uses the namespace's default."""
+    secret_env: list[str] = Field(default_factory=list)
+    """Names of Kubernetes Secrets in the namespace whose keys become environment variables of every rank
+    pod (e.g. one holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). The manifests only name them: on
+    Kubernetes the storage secrets reach the ranks this way, never from the launcher's environment."""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    """Kubernetes Secrets with the registry credentials that pull `image` (imagePullSecrets)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the rank pods must run on, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}."""
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Kubernetes tolerations of the rank pods, as in a pod spec, e.g. [{"key": "nvidia.com/gpu", "operator":
+    "Exists", "effect": "NoSchedule"}]: the fields key, operator, value, effect and tolerationSeconds."""
+    memory: str | None = None
+    """Kubernetes memory request and limit of each rank pod, e.g. "64Gi"; None sets none."""
 
     @field_validator("partition", "account", "job_name")
     @classmethod
@@ -370,6 +415,67 @@ class LaunchConfig(Section):
             ipaddress.ip_address(value)
         except ValueError:
             raise _refused(value, "a host name or IP address, e.g. node-01.cluster or 10.0.0.1") from None
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and not IMAGE.fullmatch(value):
+            raise _refused(value, "a container image reference, e.g. registry.example.com/lejepa:0.1.0")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not K8S_LABEL.fullmatch(value):
+            raise _refused(value, "a Kubernetes namespace: lower-case letters, digits and '-', at most 63")
+        return value
+
+    @field_validator("runtime_ref", "service_account", "secret_env", "image_pull_secrets")
+    @classmethod
+    def _k8s_names(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        for name in [value] if isinstance(value, str) else value or []:
+            if not K8S_SUBDOMAIN.fullmatch(name):
+                raise _refused(
+                    name, f"a Kubernetes name for {info.field_name}: lower-case letters, digits, '-' and '.'"
+                )
+        return value
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_selector(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not K8S_LABEL_KEY.fullmatch(key) or not K8S_LABEL_VALUE.fullmatch(value):
+                raise _refused(
+                    f"{key}: {value}", "a Kubernetes node label, e.g. node.kubernetes.io/instance-type"
+                )
+        return labels
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in items:
+            seconds = item.get("tolerationSeconds")
+            if (
+                set(item) - set(TOLERATION_FIELDS)
+                or not K8S_LABEL_KEY.fullmatch(str(item.get("key", "x")))
+                or not K8S_LABEL_VALUE.fullmatch(str(item.get("value", "")))
+                or item.get("operator", "Equal") not in ("Equal", "Exists")
+                or item.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+                or not (seconds is None or (isinstance(seconds, int) and not isinstance(seconds, bool)))
+            ):
+                raise _refused(
+                    item,
+                    f"a Kubernetes toleration: fields {', '.join(TOLERATION_FIELDS)}; operator Equal or "
+                    "Exists; effect NoSchedule, PreferNoSchedule or NoExecute",
+                )
+        return items
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not K8S_QUANTITY.fullmatch(value):
+            raise _refused(value, 'a Kubernetes quantity, e.g. "64Gi" or "500M"')
         return value
 
     @field_validator("hostfile", "slurm_dir")

@@ -407,4 +407,7 @@ def _dies_with(reader: int) -> Callable[[int], None]:
 
 
 def _die_with(reader: int, _worker_id: int) -> None:
+    # A scheduler's SIGTERM reaches every process of a rank: the reader commits a checkpoint on it and
+    # needs its workers until then; they die with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL, parent=reader)

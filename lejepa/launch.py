@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
@@ -62,6 +62,25 @@ _FIRST_SLURM_NODE = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 
 # sbatch splits a directive at blanks and reads double quotes, backslashes and '#' its own way (single quotes
 # are literal): shell quoting does not apply, so a directive's option must be one plain word.
 _SBATCH_WORD = re.compile(r"[^\s\"'\\#]+")
+# Slurm job states that end a job (a requeued job passes through none of them).
+_SLURM_DONE = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
+# What slurmstepd writes into the log when it stops a job: "DUE TO JOB REQUEUE", "DUE TO PREEMPTION", ...
+_JOB_CANCELLED = re.compile(r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+(?: DUE TO (.+?))? \*\*\*")
+_TIME_LIMIT_NEAR = "nears its time limit: requeueing it"  # the sbatch script's USR1 trap
+_RUN_STARTS = re.compile(r"\[pretrain\] run \S+: (?:starting|resuming at step (\d+))")  # lejepa.train
+_RANKS_STOPPED = re.compile(r"\[pretrain\] stopped at step (\d+)")  # lejepa.train, on SIGTERM
+# srun's word on a task that failed: "srun: error: node2: task 1: Exited with exit code 2".
+_SRUN_TASK_FAILED = re.compile(r"srun: error: (\S+): tasks? (\d+)\S*: Exited with exit code (\d+)")
 _LAUNCHER_EXCEPTIONS = ("ChildFailedError", "CalledProcessError")
 # torchrun's line prefix, read from the environment by every torch since 2.2 (its --log_line_prefix_template
 # option exists in some versions and not in others). Without either, torchrun writes [default<local rank>]:.
@@ -74,6 +93,20 @@ class LaunchError(RuntimeError):
     """A launch a user asked for cannot start (missing hostfile, sbatch or pdsh; unreachable host)."""
 
 
+class LaunchFailed(RuntimeError):
+    """The launch ran and failed: a rank died, or the job ended badly. The message is one line naming the
+    rank (and its node, where known) and its error; `status` is the launcher's or the job's exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+JobRef = dict[str, str]
+"""A job a scheduler runs for a launch: {"scheduler": "slurm", "id": "123"}, or {"scheduler": "kubernetes",
+"namespace": ..., "name": ...}. The run's lease records it (see `job_alive`)."""
+
+
 def launch(
     cfg: PipelineConfig,
     program_args: list[str],
@@ -81,19 +114,42 @@ def launch(
     dry_run: bool = False,
     program: str = PROGRAM,
     env: Mapping[str, str] | None = None,
+    on_job: Callable[[JobRef], None] | None = None,
 ) -> int:
-    """Run `program` (a module name, or a path ending in .py) on every rank; return the exit status.
+    """Run `program` (a module name, or a path ending in .py) on every rank; return 0 when every rank
+    succeeded, else raise LaunchFailed.
 
     `env` adds variables to the ranks' environment (e.g. SECRETS_ENV, so no file or command line holds the
     storage secrets); secret values are masked in the output. `program_args` must hold no secret: it is on
     every rank's command line. With dry_run the launcher command (slurm: the sbatch script) is printed and
-    nothing runs.
+    nothing runs. A scheduler's job is handed to `on_job` once submitted (the run's lease records it).
+
+    SIGTERM or SIGINT stops the launch and everything it started (the scheduler's job included) before
+    this returns; SIGTERM then raises SystemExit(143) where nothing else (e.g. Prefect) handles it.
     """
     lc = cfg.launch
     env = {**os.environ, **(env or {})}
     secrets = _secret_values(env)
-    if lc.mode == "slurm":
-        return _launch_slurm(lc, program, program_args, dry_run=dry_run, env=env)
+    with _terminate_raises():
+        if lc.mode == "slurm":
+            return _launch_slurm(lc, program, program_args, dry_run=dry_run, env=env, on_job=on_job)
+        if lc.mode == "kubernetes":
+            from lejepa.kubernetes import launch_kubernetes  # the client is needed in this mode only
+
+            return launch_kubernetes(lc, program, program_args, dry_run=dry_run, env=env, on_job=on_job)
+        return _launch_processes(lc, program, program_args, dry_run=dry_run, env=env, secrets=secrets)
+
+
+def _launch_processes(
+    lc: LaunchConfig,
+    program: str,
+    program_args: list[str],
+    *,
+    dry_run: bool,
+    env: dict[str, str],
+    secrets: list[str],
+) -> int:
+    """The local and hostfile modes: a launcher process on this machine starts (or reaches) every rank."""
     if _accelerator(lc) == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp, contextlib.ExitStack() as cleanup:
@@ -127,8 +183,8 @@ def launch(
             return 0
         rc, tail = _stream(argv, env, secrets)
     if rc != 0:
-        print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
-    return rc
+        raise LaunchFailed(rank_error(tail, rc), rc)
+    return 0
 
 
 def local_command(lc: LaunchConfig, program: str, program_args: list[str], *, log_dir: Path) -> list[str]:
@@ -196,15 +252,26 @@ def hostfile_command(lc: LaunchConfig, program: str, program_args: list[str]) ->
 
 
 def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log_path: Path) -> str:
-    """The sbatch script: one srun task per rank, each given RANK/LOCAL_RANK/WORLD_SIZE from Slurm's ids."""
+    """The sbatch script: one srun task per rank, each given RANK/LOCAL_RANK/WORLD_SIZE from Slurm's ids.
+
+    The job may be requeued (preemption, `scontrol requeue`, or its own time limit with
+    launch.requeue_on_timeout): its log is appended to, never started over, and its ranks resume from the
+    run's last checkpoint, which they commit when Slurm's SIGTERM reaches them (lejepa.train).
+    """
     cpu = _accelerator(lc) == "cpu"
     directives = [
         f"--job-name={lc.job_name}",
         f"--nodes={lc.nnodes or 1}",
         f"--ntasks-per-node={lc.nproc_per_node or (1 if cpu else lc.gpus_per_node or 1)}",
         f"--output={log_path}",
+        "--open-mode=append",
+        "--requeue",
         f"--chdir={Path.cwd()}",
     ]
+    if lc.requeue_on_timeout:
+        # Slurm signals the batch shell (B:) this long before the time limit; the trap below requeues the
+        # job, so its ranks get SIGTERM, commit, and the job comes back with a fresh time limit.
+        directives.append(f"--signal=B:USR1@{lc.timeout_signal_s}")
     if lc.gpus_per_node:
         directives.append(f"--gpus-per-node={lc.gpus_per_node}")
     if lc.cpus_per_task:
@@ -234,29 +301,48 @@ def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log
     if lc.cpus_per_task:
         lines.append(f"export OMP_NUM_THREADS={lc.cpus_per_task}")
     rank_env = 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"'
-    lines.append(f"{shlex.join(srun)} bash -c {shlex.quote(rank_env)} rank {shlex.join(command)}")
+    step = f"{shlex.join(srun)} bash -c {shlex.quote(rank_env)} rank {shlex.join(command)}"
+    if not lc.requeue_on_timeout:
+        return "\n".join([*lines, step]) + "\n"
+    # bash runs a trap only between commands: srun runs in the background and the script waits for it.
+    requeue = (
+        'echo "lejepa: job $SLURM_JOB_ID nears its time limit: requeueing it"; scontrol requeue $SLURM_JOB_ID'
+    )
+    lines += [
+        f"trap {shlex.quote(requeue)} USR1",
+        f"{step} &",
+        "step=$!",
+        # wait returns early when the trap runs; the step's own status once it has ended.
+        'while true; do wait "$step" && break; status=$?; kill -0 "$step" 2>/dev/null || exit $status; done',
+    ]
     return "\n".join(lines) + "\n"
 
 
 def rank_error(lines: Iterable[str], returncode: int) -> str:
-    """One line naming the rank that failed first and its error, from the launch's output."""
+    """One line naming the rank that failed first (and its node, where the launcher says) and its error,
+    from the launch's output."""
     lines = list(lines)
     tracebacks = list(_tracebacks(lines))
-    # torchrun names the first rank that died; trust it over the order in which output arrived.
+    # torchrun names the first rank that died, and srun the node and task: trust them over the order in
+    # which output arrived.
     root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", "\n".join(lines), re.DOTALL)
-    if root:
-        rank, returncode = root.group(1), int(root.group(2))
+    srun = next((m for line in lines if (m := _SRUN_TASK_FAILED.search(line)) and m.group(3) != "0"), None)
+    if root or srun:
+        rank, returncode = (
+            (root.group(1), int(root.group(2))) if root else (srun.group(2), int(srun.group(3)))
+        )
+        who = f"rank {rank} on {srun.group(1)}" if srun else f"rank {rank}"
         for prefix, error in tracebacks:
             if _rank_of(prefix) == rank:
-                return f"{_who(prefix)}: {error} (exit status {returncode})"
+                return f"{who if srun else _who(prefix)}: {error} (exit status {returncode})"
         said = [text for line in lines if (text := _said_by(rank, line))]
         # torchrun tails a rank's stdout and stderr separately, so an old stdout line can arrive after the
         # rank's dying words; a stage's `error: ...` line (lejepa.cli) is the reliable one when present.
         # Without one (a rank that died before our program started, e.g. in the interpreter), its last few
         # lines: a usage message ends with a hint, the cause is above it.
         errors = [text for text in said if text.startswith("error: ")]
-        last = errors[-1] if errors else " / ".join(said[-3:]) or "printed nothing"
-        return f"rank {rank}: {last} (exit status {returncode})"
+        last = errors[-1].removeprefix("error: ") if errors else " / ".join(said[-3:]) or "printed nothing"
+        return f"{who}: {last} (exit status {returncode})"
     # Otherwise the first traceback that is a cause, not a peer noticing that another rank died.
     causes = [(p, e) for p, e in tracebacks if not any(s in e for s in _PEER_DIED)]
     if causes:
@@ -284,11 +370,18 @@ def forwarded_env(environ: Mapping[str, str], extra: list[str]) -> dict[str, str
 
 
 def _launch_slurm(
-    lc: LaunchConfig, program: str, program_args: list[str], *, dry_run: bool, env: dict[str, str]
+    lc: LaunchConfig,
+    program: str,
+    program_args: list[str],
+    *,
+    dry_run: bool,
+    env: dict[str, str],
+    on_job: Callable[[JobRef], None] | None,
 ) -> int:
     stem = f"{lc.job_name}-{datetime.now():%Y%m%d-%H%M%S}"
     slurm_dir = Path(lc.slurm_dir).absolute()
-    script = slurm_script(lc, program, program_args, log_path=slurm_dir / f"{stem}.out")
+    log_path = slurm_dir / f"{stem}.out"
+    script = slurm_script(lc, program, program_args, log_path=log_path)
     if dry_run:
         print(script, end="", flush=True)
         return 0
@@ -298,20 +391,161 @@ def _launch_slurm(
     slurm_dir.mkdir(parents=True, exist_ok=True)
     script_path = slurm_dir / f"{stem}.sbatch"
     script_path.write_text(script)
-    log_path = slurm_dir / f"{stem}.out"
-    argv = [sbatch, "--parsable"] + (["--wait"] if lc.wait else []) + [str(script_path)]
+    argv = [sbatch, "--parsable", str(script_path)]
     print(f"launch: {shlex.join(argv)}  (log: {log_path})", flush=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise LaunchFailed(f"sbatch refused the job: {said}", done.returncode)
+    job_id = done.stdout.strip().split(";")[0]
+    print(f"launch: submitted Slurm job {job_id}", flush=True)
     if not lc.wait:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"launch failed: sbatch: {done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
-        else:
-            print(f"launch: submitted Slurm job {done.stdout.strip()}", flush=True)
-        return done.returncode
-    rc, tail = _follow_job(argv, log_path, _secret_values(env), env)
-    if rc != 0:
-        print(f"launch failed: {rank_error(tail, rc)}", file=sys.stderr, flush=True)
-    return rc
+        return 0
+    job = SlurmJob(job_id, log_path, _secret_values(env), env)
+    try:
+        if on_job is not None:
+            on_job({"scheduler": "slurm", "id": job_id})
+        job.follow()
+    except BaseException:
+        with _signals_ignored():  # a second SIGTERM must not cut the cancellation short
+            job.cancel()
+        raise
+    return 0
+
+
+class SlurmJob:
+    """A submitted job, followed to its end: its log streamed line by line (once each: the job appends to
+    it, across requeues too), its requeues reported as `job N requeued (reason): resuming at step S`, and
+    its end turned into success or one LaunchFailed line. `cancel` scancels it and waits until squeue no
+    longer lists it."""
+
+    def __init__(self, job_id: str, log_path: Path, secrets: list[str], env: dict[str, str]) -> None:
+        self.id, self.log_path, self.secrets, self.env = job_id, log_path, secrets, env
+        self.tail: deque[str] = deque(maxlen=2000)
+        self._offset, self._partial = 0, ""
+        self._starts = 0  # times rank 0 announced the run: more than one means the job came back
+        self._reason: str | None = None  # why the job last stopped, from its log
+        self._stopped_at: str | None = None  # the step the ranks last committed on a SIGTERM
+
+    def follow(self) -> None:
+        """Stream the log until the job ends; raise LaunchFailed unless it completed."""
+        info: dict[str, str] = {}
+        while True:
+            self._read_log()
+            latest = slurm_job_info(self.id, self.env)
+            if latest is None:  # purged from the controller's memory (MinJobAge) since the last look
+                break
+            info = latest
+            if info.get("JobState") in _SLURM_DONE:
+                break
+            time.sleep(1.0)
+        self._read_log(final=True)
+        state = info.get("JobState", "UNKNOWN")
+        code, sig = (int(x) for x in (info.get("ExitCode") or "1:0").split(":"))
+        status = code or (128 + sig if sig else 0)
+        if state == "COMPLETED" and status == 0:
+            return
+        resume = "run the stage again to resume from the run's last checkpoint"
+        at = f" at step {self._stopped_at}" if self._stopped_at else ""
+        if state == "TIMEOUT":
+            raise LaunchFailed(
+                f"Slurm job {self.id} reached its time limit{at}: {resume}, or set launch.time higher or "
+                "launch.requeue_on_timeout=true",
+                status or 1,
+            )
+        if state in ("CANCELLED", "PREEMPTED", "DEADLINE"):
+            why = {"CANCELLED": "was cancelled (scancel)", "PREEMPTED": "was preempted"}
+            raise LaunchFailed(
+                f"Slurm job {self.id} {why.get(state, 'passed its deadline')}{at}: {resume}", status or 1
+            )
+        raise LaunchFailed(rank_error(self.tail, status or 1), status or 1)
+
+    def cancel(self, timeout: float = 600.0) -> None:
+        """scancel the job (its ranks commit a checkpoint on Slurm's SIGTERM) and wait until squeue no
+        longer lists it, streaming what the ranks still say."""
+        print(f"launch: cancelling Slurm job {self.id}", flush=True)
+        subprocess.run(["scancel", self.id], capture_output=True, env=self.env)
+        deadline = time.monotonic() + timeout
+        while slurm_job_listed(self.id, self.env):
+            self._read_log()
+            if time.monotonic() > deadline:
+                print(f"warning: Slurm job {self.id} is still listed {timeout:g} s after scancel", flush=True)
+                return
+            time.sleep(0.5)
+        self._read_log(final=True)
+        print(f"launch: Slurm job {self.id} cancelled", flush=True)
+
+    def _read_log(self, final: bool = False) -> None:
+        if not self.log_path.exists():
+            return
+        with self.log_path.open("r", errors="replace") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+            self._offset = f.tell()
+        *complete, self._partial = (self._partial + chunk).split("\n")
+        if final and self._partial:
+            complete, self._partial = [*complete, self._partial], ""
+        for line in complete:
+            _emit(line, self.secrets, self.tail)
+            self._note(line)
+
+    def _note(self, line: str) -> None:
+        """Follow the job's life in its own log: why it stopped, and where a requeued job resumes."""
+        if _TIME_LIMIT_NEAR in line:
+            self._reason = "time limit"
+        elif (cancelled := _JOB_CANCELLED.search(line)) and self._reason != "time limit":
+            self._reason = (cancelled.group(1) or "cancelled").lower()
+        elif stopped := _RANKS_STOPPED.search(line):
+            self._stopped_at = stopped.group(1)
+        elif start := _RUN_STARTS.search(line):
+            self._starts += 1
+            if self._starts > 1:
+                reason, step = self._reason or "by Slurm", start.group(1) or 0
+                print(f"job {self.id} requeued ({reason}): resuming at step {step}", flush=True)
+                self._reason = None
+
+
+def slurm_job_info(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """`scontrol show job`'s fields for the job (JobState, ExitCode, Restarts, ...); None once Slurm has
+    forgotten it. A controller that does not answer is retried: the job is still somewhere."""
+    for attempt in range(30):
+        done = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env
+        )
+        if done.returncode == 0:
+            return dict(word.split("=", 1) for word in done.stdout.split() if "=" in word)
+        if "Invalid job id" in done.stderr:
+            return None
+        time.sleep(min(2.0**attempt, 10.0))
+    raise LaunchFailed(f"scontrol show job {job_id} kept failing: {done.stderr.strip()}", 1)
+
+
+def slurm_job_listed(job_id: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether squeue still lists the job as pending, running or completing; True when squeue cannot
+    tell (no squeue here, or no controller): only squeue's word that the job is gone counts."""
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, env=env, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if done.returncode != 0:
+        return "Invalid job id" not in done.stderr
+    return any(state not in _SLURM_DONE for state in done.stdout.split())
+
+
+def job_alive(job: JobRef) -> bool:
+    """Whether a job a launch submitted may still be running (the lease of its run stays held)."""
+    if job.get("scheduler") == "slurm":
+        return slurm_job_listed(job["id"])
+    return True  # a scheduler this code cannot ask: it may be running
+
+
+def describe_job(job: JobRef) -> str:
+    """The job in words, with how to stop it."""
+    if job.get("scheduler") == "slurm":
+        return f"Slurm job {job['id']} (scancel {job['id']})"
+    return f"{job.get('scheduler', 'a scheduler')} job {job.get('id') or job.get('name')}"
 
 
 def _sbatch_directive(option: str) -> str:
@@ -323,49 +557,6 @@ def _sbatch_directive(option: str) -> str:
             "or '#': check launch.slurm_dir and launch.extra_sbatch, and run from a directory without them"
         )
     return f"#SBATCH {option}"
-
-
-def _follow_job(
-    argv: list[str], log_path: Path, secrets: list[str], env: dict[str, str]
-) -> tuple[int, deque[str]]:
-    """Run `sbatch --parsable --wait`, streaming the job's log while it runs; cancel the job if we stop."""
-    tail: deque[str] = deque(maxlen=2000)
-    said: list[str] = []  # sbatch's own output; its first line is the job id
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
-    )
-    reader = threading.Thread(target=lambda: said.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    offset, partial = 0, ""
-
-    def read_new() -> None:
-        nonlocal offset, partial
-        if log_path.exists():
-            with log_path.open("r", errors="replace") as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-            *complete, partial = (partial + chunk).split("\n")
-            for line in complete:
-                _emit(line, secrets, tail)
-
-    try:
-        while proc.poll() is None:
-            read_new()
-            time.sleep(0.5)
-    except BaseException:
-        job_id = said[0].strip().split(";")[0] if said else None
-        if job_id and shutil.which("scancel"):
-            subprocess.run(["scancel", job_id], check=False)
-        _stop(proc)
-        raise
-    reader.join()
-    read_new()
-    if partial:
-        _emit(partial, secrets, tail)
-    for line in said[1:] if proc.returncode == 0 else said:
-        _emit(f"sbatch: {line.rstrip()}", secrets, tail)
-    return proc.returncode, tail
 
 
 def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[int, deque[str]]:
@@ -396,6 +587,42 @@ def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[i
     except BaseException:
         _stop(proc)
         raise
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """In the block, SIGTERM raises SystemExit(143) where nothing else handles it (a launch from the command
+    line), so a cancelled launch stops its ranks or its job on the way out. Prefect's own handler, where it
+    is installed, raises already; off the main thread no handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_on(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored in the block (main thread only): for a clean-up that must finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -591,8 +818,9 @@ def _rank_of(prefix: str) -> str | None:
 
 
 def _said_by(rank: str, line: str) -> str:
-    """What `line` says if rank `rank` printed it under torchrun's prefix (however many times), else ''."""
-    match = re.match(r"\s*(?:\[(?:rank|default)(\d+)\]:\s?)+(.*)", line)
+    """What `line` says if rank `rank` printed it under torchrun's prefix (however many times) or srun
+    --label's, else ''."""
+    match = re.match(r"\s*(?:\[(?:rank|default)(\d+)\]:\s?)+(.*)", line) or re.match(r"\s*(\d+): (.*)", line)
     return match.group(2).strip() if match and match.group(1) == rank else ""
 
 

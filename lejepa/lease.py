@@ -5,7 +5,10 @@ renews it from a background thread every `ttl / 3` seconds and deletes it when i
 launch holds `runs/{run}`, the shard stage `datasets/{name}`, publish `models/{name}`. A second writer of
 the same folder is refused while the lease is live. It takes the lease over only when its holder is
 provably gone: it expired (no renewal for `ttl` seconds: a crashed holder on another host), or its holder
-ran on this host and that process no longer exists (a killed launcher, whose ranks die with it).
+ran on this host and that process no longer exists (a killed launcher, whose ranks die with it). A
+launch that hands its ranks to a scheduler records the job in the lease (`attach_job`): the ranks of a
+Slurm job outlive a killed launcher, so such a lease is taken over only once the scheduler says the job
+is gone as well (`job_alive`).
 
 Object stores have no compare-and-swap, so after writing its lease a writer reads it back once more after
 a short settle time and proceeds only if it still holds it: two writers that start within the same moment
@@ -19,6 +22,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -49,14 +53,24 @@ def _holder_gone(lease: dict[str, Any], now: float) -> bool:
 class Lease:
     """`with Lease(storage, folder, "trained"): ...` holds `folder` for the body, or raises LeaseHeld.
 
-    `activity` completes the refusal "{folder} is being {activity} by pid ... on ...".
+    `activity` completes the refusal "{folder} is being {activity} by pid ... on ...". `job_alive` tells
+    whether a job a holder recorded may still run (see lejepa.launch.job_alive), `describe_job` names it.
     """
 
     def __init__(
-        self, storage: Storage, folder: str, activity: str, ttl: float = 60.0, settle: float = 1.0
+        self,
+        storage: Storage,
+        folder: str,
+        activity: str,
+        ttl: float = 60.0,
+        settle: float = 1.0,
+        job_alive: Callable[[dict[str, str]], bool] | None = None,
+        describe_job: Callable[[dict[str, str]], str] = str,
     ) -> None:
         self.storage, self.url, self.ttl, self.settle = storage, f"{folder}/{LEASE}", ttl, settle
         self.folder, self.activity = folder, activity
+        self.job_alive, self.describe_job = job_alive, describe_job
+        self.job: dict[str, str] | None = None
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -69,12 +83,26 @@ class Lease:
             "token": self.token,
             "renewed": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "expires": now + self.ttl,
+            **({"job": self.job} if self.job else {}),
         }
 
     def _current(self) -> dict[str, Any] | None:
         return self.storage.read_json(self.url) if self.storage.exists(self.url) else None
 
+    def _gone(self, lease: dict[str, Any], now: float) -> bool:
+        """Whether the lease's holder, and the job it recorded, are provably gone."""
+        if not _holder_gone(lease, now):
+            return False
+        job = lease.get("job")
+        return job is None or (self.job_alive is not None and not self.job_alive(job))
+
     def _refuse(self, lease: dict[str, Any]) -> LeaseHeld:
+        if (job := lease.get("job")) and _holder_gone(lease, time.time()):
+            return LeaseHeld(
+                f"{self.folder} is being {self.activity} by {self.describe_job(job)}, which the launcher "
+                f"(pid {lease['pid']} on {lease['host']}) left running: wait for the job to end, or cancel "
+                "it, then run again to resume"
+            )
         left = max(0, round(lease["expires"] - time.time()))
         return LeaseHeld(
             f"{self.folder} is being {self.activity} by pid {lease['pid']} on {lease['host']} "
@@ -84,7 +112,7 @@ class Lease:
 
     def acquire(self) -> None:
         lease = self._current()
-        if lease is not None and lease["token"] != self.token and not _holder_gone(lease, time.time()):
+        if lease is not None and lease["token"] != self.token and not self._gone(lease, time.time()):
             raise self._refuse(lease)
         self.storage.write_json(self.url, self._record())
         time.sleep(self.settle)  # let a racing writer's lease land, then see who holds the folder
@@ -93,6 +121,11 @@ class Lease:
             raise self._refuse(lease or self._record())
         self._renewer = threading.Thread(target=self._renew, name="store-lease", daemon=True)
         self._renewer.start()
+
+    def attach_job(self, job: dict[str, str]) -> None:
+        """Record the scheduler's job that now trains the folder: a later writer waits for it too."""
+        self.job = job
+        self.storage.write_json(self.url, self._record())
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):

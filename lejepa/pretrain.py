@@ -21,14 +21,10 @@ import yaml
 from lejepa import layout
 from lejepa.cli import config_from, run_stage, stage_parser
 from lejepa.config import SECRETS_ENV, PipelineConfig, blank_credentials, storage_secrets
-from lejepa.launch import LaunchError, launch
+from lejepa.launch import LaunchError, LaunchFailed, describe_job, job_alive, launch
 from lejepa.lease import Lease
 from lejepa.manifest import locate_manifest
 from lejepa.storage import Storage
-
-
-class PretrainFailed(RuntimeError):
-    """A rank of the training launch failed; the message holds the launcher's exit status."""
 
 
 def launch_inputs(cfg: PipelineConfig, folder: Path) -> tuple[list[str], dict[str, str]]:
@@ -92,12 +88,10 @@ def run_pretrain(
             or (lc.mode == "slurm" and not lc.wait)  # a job submitted without waiting is Slurm's to watch
             or (lc.mode == "hostfile" and lc.no_ssh and lc.node_rank != 0)  # node 0's launcher holds the run
         ):
-            status = launch(cfg, program_args, dry_run=dry_run, env=env)
+            launch(cfg, program_args, dry_run=dry_run, env=env)
         else:
-            with Lease(storage, run, "trained"):
-                status = launch(cfg, program_args, env=env)
-    if status != 0:
-        raise PretrainFailed(f"training launch exited with status {status} (the rank's error is above)")
+            with Lease(storage, run, "trained", job_alive=job_alive, describe_job=describe_job) as lease:
+                launch(cfg, program_args, env=env, on_job=lease.attach_job)
     if dry_run:
         return {}
     return storage.read_json(f"{run}/{layout.SUMMARY}")
@@ -121,7 +115,7 @@ def cli(argv: list[str] | None = None) -> int:
     return run_stage(
         lambda: run_pretrain(config_from(args), dry_run=args.dry_run) or None,
         LaunchError,
-        PretrainFailed,
+        LaunchFailed,
     )
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,3 +105,132 @@ def around_each_step(wrapper: Callable[[Any, Callable[[], Any]], Any]) -> Iterat
         yield
     finally:
         TrainStep.__call__ = step  # type: ignore[method-assign]
+
+
+SLURM_NODES = ("node1", "node2")
+
+
+@contextlib.contextmanager
+def slurm_cluster(folder: Path, cpus_per_node: int = 2, kill_wait: int = 10) -> Iterator[dict[str, str]]:
+    """A real two-node Slurm cluster on this machine (slurmctld and two slurmd, both nodes at 127.0.0.1),
+    for the duration of the block; yields the environment its clients need (SLURM_CONF).
+
+    Needs root, Debian's slurm-wlm and munge, and the node names in /etc/hosts (infra/install-test-deps.sh
+    does all three). Requeued jobs wait `cred_expire` seconds before they run again (Slurm's default: 120),
+    so it is short here; `kill_wait` is the grace between a job's SIGTERM and SIGKILL (Slurm's KillWait).
+    """
+    missing = [tool for tool in ("slurmctld", "slurmd", "munged", "sinfo") if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0:
+        raise RuntimeError(
+            f"a Slurm cluster needs root and {missing or 'slurm-wlm'}: run infra/install-test-deps.sh"
+        )
+    for node in SLURM_NODES:
+        try:
+            socket.gethostbyname(node)
+        except OSError:
+            raise RuntimeError(
+                f"{node} does not resolve: run infra/install-test-deps.sh (adds it to /etc/hosts)"
+            ) from None
+    _start_munge()
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool"):
+        (folder / sub).mkdir(exist_ok=True)
+    ctld_port, node_ports = free_port(), [free_port() for _ in SLURM_NODES]
+    host = socket.gethostname()
+    conf = folder / "slurm.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=lejepa-test",
+                f"SlurmctldHost={host}(127.0.0.1)",
+                f"SlurmctldPort={ctld_port}",
+                "AuthType=auth/munge",
+                "AuthInfo=cred_expire=10",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"StateSaveLocation={folder}/state",
+                f"SlurmdSpoolDir={folder}/spool/%n",
+                f"SlurmctldPidFile={folder}/slurmctld.pid",
+                f"SlurmdPidFile={folder}/slurmd-%n.pid",
+                f"SlurmctldLogFile={folder}/slurmctld.log",
+                f"SlurmdLogFile={folder}/slurmd-%n.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "ReturnToService=2",
+                "MpiDefault=none",
+                "AccountingStorageType=accounting_storage/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                f"KillWait={kill_wait}",
+                "MinJobAge=300",
+                *(
+                    f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+                    f"CPUs={cpus_per_node} RealMemory=8000"
+                    for node, port in zip(SLURM_NODES, node_ports, strict=True)
+                ),
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
+            ]
+        )
+        + "\n"
+    )
+    env = {"SLURM_CONF": str(conf)}
+    daemons = [["slurmctld", "-f", str(conf)], *(["slurmd", "-f", str(conf), "-N", n] for n in SLURM_NODES)]
+    pid_files = [folder / "slurmctld.pid", *(folder / f"slurmd-{n}.pid" for n in SLURM_NODES)]
+    pids: list[int] = []
+    try:
+        for argv, pid_file in zip(daemons, pid_files, strict=True):
+            subprocess.run(argv, check=True, env={**os.environ, **env})  # forks; its pid is in pid_file
+            pids.append(_wait_for_pid_file(pid_file))
+        deadline = time.monotonic() + 60
+        while True:
+            states = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %T"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+            ).stdout.split()
+            if states.count("idle") == len(SLURM_NODES):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Slurm nodes did not come up: {states}; see {folder}/*.log")
+            time.sleep(0.2)
+        yield env
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            deadline = time.monotonic() + 20
+            while _process_exists(pid):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
+
+
+def _wait_for_pid_file(path: Path, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear: the daemon did not start (see its log beside it)")
+        time.sleep(0.05)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _start_munge() -> None:
+    """munged, once per machine: Slurm's daemons and clients authenticate through it."""
+    if subprocess.run(["bash", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0:
+        return
+    for folder in ("/run/munge", "/var/log/munge"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.chown(folder, "munge", "munge")
+    subprocess.run(["munged", "--force"], check=True)

@@ -8,6 +8,10 @@ Every rank reads the one manifest `data.manifest` names (the pretrain stage sets
 `train` reads top to bottom: the run's inputs (`_prepare`), the engine (`lejepa.engine`), the checkpoint
 manager that restores every stateful part of a resumed run (`lejepa.checkpoint`; what a run may resume
 under is `lejepa.resume`'s), the loop (`Trainer`, one `train_step` per optimizer step), the export.
+
+SIGTERM (a Slurm requeue, preemption, time limit or scancel; a launcher stopping its ranks; a pod's
+eviction) stops the run at its next log step with a checkpoint committed (`StopRequest`): a new launch
+resumes from it. The rank then exits with status 143.
 """
 
 from __future__ import annotations
@@ -137,8 +141,9 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def train(cfg: PipelineConfig) -> TrainSummary:
-    """Train on every rank of the current launch; every rank returns the summary."""
+def train(cfg: PipelineConfig, stop: StopRequest | None = None) -> TrainSummary:
+    """Train on every rank of the current launch; every rank returns the summary. A `stop` request ends
+    the run early, at a committed step (TrainingStopped)."""
     rank, world, device = init_distributed()
     _seed(cfg.seed + rank)
     run = _prepare(cfg, rank, world, device)
@@ -158,7 +163,7 @@ def train(cfg: PipelineConfig) -> TrainSummary:
         _announce(cfg, run, budget, checkpoints.step, world, device)
 
     views = DeviceViews(run.views.to(device), run.stream) if cfg.views.on_device else None
-    train_step = TrainStep(engine, optimizer, cfg.pretrain.grad_accum, device, dtype, probe, views)
+    train_step = TrainStep(engine, optimizer, cfg.pretrain.grad_accum, device, dtype, probe, views, stop)
     final_loss = Trainer(cfg.pretrain, run, budget, checkpoints, train_step, rank).run()
 
     encoder_url = _export(engine, encoder, cfg, run, rank)
@@ -181,6 +186,29 @@ def _announce(
         f"{run.manifest_url}, precision {describe(p.precision, device.type)}",
         flush=True,
     )
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on request (SIGTERM), its latest step committed."""
+
+
+class StopRequest:
+    """A request to stop, set by SIGTERM. A rank cannot stop alone (the next collective would hang its
+    peers), so the request travels with the step's statistics, which every rank all-reduces: every rank
+    sees it in the same step, at the next flush, and stops there after a commit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @classmethod
+    def on_sigterm(cls) -> StopRequest:
+        request = cls()
+
+        def note(signum: int, frame: object) -> None:
+            request.requested = True
+
+        signal.signal(signal.SIGTERM, note)
+        return request
 
 
 class DeviceViews:
@@ -206,15 +234,19 @@ class TrainStep:
     dtype: torch.dtype
     probe: OnlineProbe | None
     device_views: DeviceViews | None
+    stop: StopRequest | None = None
 
     def __call__(self, batches: Iterator[tuple[Any, Tensor]]) -> tuple[Tensor, float]:
-        """Returns the statistics [loss, prediction, sigreg, probe loss, probe accuracy], averaged over the
-        micro-batches and the ranks, then the optimizer's [gradient norm, skipped], as a tensor on the
+        """Returns the statistics [loss, prediction, sigreg, probe loss, probe accuracy, stop requested],
+        averaged over the micro-batches and the ranks (stop > 0: some rank was asked to stop), then the
+        optimizer's [gradient norm, skipped], as a tensor on the
         device (nothing here waits for the device: the all-reduce runs there too, as NCCL takes device
         tensors only), and the seconds spent waiting for data.
         """
         device, engine = self.device, self.engine
-        stats = torch.zeros(5, device=device)
+        stats = torch.zeros(6, device=device)
+        if self.stop is not None and self.stop.requested:
+            stats[5] = 1.0
         waited = 0.0
         for _ in range(self.grad_accum):
             tick = time.perf_counter()
@@ -229,7 +261,7 @@ class TrainStep:
             stats[:3] += torch.stack([loss.total, loss.prediction, loss.sigreg]).detach().float()
             if self.probe is not None:
                 labels = labels.to(device, non_blocking=True)
-                stats[3:] += self.probe.step(embeddings[: global_views.shape[0]], labels)
+                stats[3:5] += self.probe.step(embeddings[: global_views.shape[0]], labels)
         world = dist.get_world_size()
         if world > 1:
             dist.all_reduce(stats)
@@ -252,6 +284,7 @@ class PendingSteps:
         self.images_per_step, self.with_probe = images_per_step, with_probe
         self.stats: list[Tensor] = []
         self.host: list[dict[str, Any]] = []
+        self.stop_requested = False
 
     def add(self, stats: Tensor, step: int, epoch: int, lr: float, elapsed: float, waited: float) -> None:
         self.stats.append(stats)
@@ -268,7 +301,7 @@ class PendingSteps:
         values = torch.stack(self.stats).double().cpu().tolist()
         drained = time.perf_counter() - tick
         records = []
-        for host, (loss, prediction, sigreg, probe_loss, probe_acc, grad_norm, skipped) in zip(
+        for host, (loss, prediction, sigreg, probe_loss, probe_acc, stop, grad_norm, skipped) in zip(
             self.host, values, strict=True
         ):
             seconds = host["seconds"] + drained / len(self.host)
@@ -288,6 +321,7 @@ class PendingSteps:
                 record["grad_norm"] = grad_norm
             if skipped:
                 record["skipped"] = True
+            self.stop_requested |= stop > 0
             records.append(record)
         self.stats, self.host = [], []
         return records, drained
@@ -345,10 +379,16 @@ class Trainer:
                 due = state.step % p.checkpoint_every == 0 or state.step % p.log_every == 0
                 if due or self._done() or self.budget.due(state.step):
                     self._flush()
-                if state.step % p.checkpoint_every == 0 or self._done():
+                stopping = self.pending.stop_requested
+                if state.step % p.checkpoint_every == 0 or self._done() or stopping:
                     if self.rank == 0:  # the log first: a resume trims what lies past its checkpoint
                         self.metrics.sync()
                     state.commit()
+                if stopping:
+                    raise TrainingStopped(
+                        f"stopped at step {state.step} on SIGTERM, checkpoint {state.tag} committed: "
+                        "a new launch of the run resumes from it"
+                    )
         finally:
             self.progress.close()
         return self.final_loss
@@ -416,7 +456,15 @@ def cli(argv: list[str] | None = None) -> int:
     die_with_parent(signal.SIGKILL)
     args = stage_parser("python -m lejepa.train", __doc__.splitlines()[0]).parse_args(argv)
     # Every rank runs this; only rank 0 prints the summary line.
-    return run_stage(lambda: _rank0_only(train(config_from(args))), TrainingDiverged, CheckpointError)
+    try:
+        stop = StopRequest.on_sigterm()
+        return run_stage(
+            lambda: _rank0_only(train(config_from(args), stop)), TrainingDiverged, CheckpointError
+        )
+    except TrainingStopped as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[pretrain] {stopped}", flush=True)
+        return 128 + signal.SIGTERM
 
 
 def _rank0_only(summary: TrainSummary) -> TrainSummary | None:

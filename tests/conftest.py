@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lejepa.testing import moto_server
+from lejepa.testing import moto_server, slurm_cluster
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API for the whole suite (it takes ~20 s to start on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real two-node Slurm cluster on this machine for the suite (see lejepa.testing.slurm_cluster), with
+    SLURM_CONF in this process's environment: the launcher and what it starts read it."""
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        saved = os.environ.get("SLURM_CONF")
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            os.environ.pop("SLURM_CONF") if saved is None else os.environ.__setitem__("SLURM_CONF", saved)
 
 
 def _start_moto(extra_env: dict[str, str] | None = None) -> Iterator[str]:

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.results import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer, Serializer
-from prefect.testing.utilities import prefect_test_harness
 from test_trust import OpensAFile
 
 from lejepa.config import PipelineConfig, load_config
@@ -62,17 +60,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One temporary Prefect API for the module (it takes ~20 s to start on 2 cores)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+def harness(prefect_api: None) -> None:
+    """Every test here runs flows against the suite's temporary Prefect API."""
 
 
 def tiny(root: str, *extra: str) -> PipelineConfig:

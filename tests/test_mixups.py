@@ -17,8 +17,8 @@ from test_train import pretrain, write_config
 
 from lejepa import evaluate
 from lejepa.config import load_config
+from lejepa.launch import LaunchFailed
 from lejepa.manifest import ShardManifest, latest_manifest_url, locate_manifest
-from lejepa.pretrain import PretrainFailed
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
 
@@ -109,7 +109,7 @@ def test_resume_under_other_settings_is_refused(
     run_dir = Path(run["summary"]["run_dir"])
     kept = {name: (run_dir / name).read_bytes() for name in ("config.json", "checkpoints/latest.json")}
     capsys.readouterr()
-    with pytest.raises(PretrainFailed):
+    with pytest.raises(LaunchFailed):
         pretrain(run["config"], override, "pretrain.max_steps=4")
     errors = [line for line in capsys.readouterr().err.splitlines() if "error: run " in line]
     assert errors and all(f"error: run {run_dir} {expected}" in line for line in errors), errors

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 import lejepa
 from lejepa.checkpoint import _deepspeed_types
 from lejepa.config import load_config
-from lejepa.launch import free_port
-from lejepa.pretrain import PretrainFailed, run_pretrain
+from lejepa.launch import LaunchFailed, free_port
+from lejepa.pretrain import run_pretrain
 from lejepa.schedule import warmup_cosine
 from lejepa.shard import write_shards
 from lejepa.storage import Storage
@@ -196,7 +196,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 ) -> None:
     config = write_config(tmp_path / "cfg.yaml", store, "diverges", pretrain={"checkpoint_every": 1})
     # An absurd learning rate turns the weights to inf after the first update: step 2's loss is NaN.
-    with pytest.raises(PretrainFailed):
+    with pytest.raises(LaunchFailed):
         pretrain(config, "pretrain.lr=1e30", "pretrain.grad_clip=0")
     err = capsys.readouterr().err
     assert "loss is nan at step 2" in err and "stays the latest" in err, err[-2000:]
