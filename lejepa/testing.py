@@ -230,7 +230,10 @@ def _start_munge() -> None:
     """munged, once per machine: Slurm's daemons and clients authenticate through it."""
     if subprocess.run(["bash", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0:
         return
-    for folder in ("/run/munge", "/var/log/munge"):
+    for folder in ("/run/munge", "/var/log/munge", "/etc/munge"):
         Path(folder).mkdir(parents=True, exist_ok=True)
         shutil.chown(folder, "munge", "munge")
+    if not Path("/etc/munge/munge.key").exists():  # Debian's package makes one; an image may lack it
+        subprocess.run(["mungekey", "--create"], check=True)
+        shutil.chown("/etc/munge/munge.key", "munge", "munge")
     subprocess.run(["munged", "--force"], check=True)
