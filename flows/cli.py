@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # command -> (module with a `cli(argv) -> int`, or "module:function", one-line help)
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     module_name, _, function = STAGES[args.command][0].partition(":")
-    return getattr(importlib.import_module(module_name), function or "cli")(rest)
+    try:
+        return getattr(importlib.import_module(module_name), function or "cli")(rest)
+    except KeyboardInterrupt:  # what the command started is stopped by now (see lejepa.launch)
+        print(f"lejepa-pipeline {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

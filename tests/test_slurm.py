@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 
 from lejepa.config import PipelineConfig, load_config
 from lejepa.data import TrainStream, _slice
+from lejepa.launch import slurm_job_listed
 from lejepa.manifest import ShardManifest, locate_manifest
 from lejepa.pretrain import run_pretrain
 from lejepa.shard import write_shards
@@ -199,3 +202,82 @@ def test_a_rank_failing_on_node2_fails_the_task_with_one_line_naming_node_and_ra
         rf"rank 1 on node2: {re.escape(rank1_only[0].url)} does not match its sha256 .* \(exit status 2\)",
         error,
     ), error
+
+
+# --- through the command line: time limits, cancellation, a killed launcher ------------------------------
+
+
+def test_a_job_near_its_time_limit_requeues_itself_and_finishes(
+    slurm: dict[str, str], store: Path, reference: dict
+) -> None:
+    run = store / "runs" / "default"
+    proc = pretrain_cli(store, "launch.requeue_on_timeout=true", 'launch.time="10"')
+    lines = collect(proc)
+    job = job_of(run)
+    wait_for(lambda: latest_step(run) >= 5, "the first checkpoint")
+    # What Slurm does launch.timeout_signal_s before the time limit: USR1 to the job's batch shell.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    assert proc.wait(timeout=300) == 0, "".join(lines[-40:])
+    out = "".join(lines)
+    assert re.search(rf"^job {job} requeued \(time limit\): resuming at step \d+$", out, re.MULTILINE), out
+    assert_same_encoder(run, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_launcher_cancels_its_job_and_returns_once_squeue_no_longer_lists_it(
+    slurm: dict[str, str], store: Path, sig: signal.Signals
+) -> None:
+    run = store / "runs" / "default"
+    proc = pretrain_cli(store)
+    lines = collect(proc)
+    job = job_of(run)
+    wait_for(lambda: latest_step(run) >= 5, "the first checkpoint")
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    status = proc.wait(timeout=120)
+    took = time.monotonic() - sent
+    assert not slurm_job_listed(job), "the launcher returned while squeue still listed its job"
+    out = "".join(lines)
+    assert status == (143 if sig == signal.SIGTERM else 130), out[-3000:]
+    assert f"launch: Slurm job {job} cancelled" in out
+    # The ranks committed the step they stopped at, so nothing trained is lost; the lease is released.
+    stopped = re.search(r"\[pretrain\] stopped at step (\d+) on SIGTERM", out)
+    assert stopped and latest_step(run) == int(stopped.group(1)), out[-3000:]
+    assert not (run / "lease.json").exists()
+    print(f"{sig.name} to an empty squeue: {took:.1f} s")
+
+
+def test_a_killed_launcher_leaves_no_second_writer_and_the_retry_resumes_alone(
+    slurm: dict[str, str], store: Path
+) -> None:
+    run = store / "runs" / "default"
+    longer = "pretrain.max_steps=400"  # the job must outlive the second attempt
+    first = pretrain_cli(store, longer)
+    collect(first)
+    job = job_of(run)
+    wait_for(lambda: latest_step(run) >= 5, "the first checkpoint")
+    first.kill()
+    first.wait()
+    assert slurm_job_listed(job), "the job should train on without its launcher"
+
+    second = pretrain_cli(store, longer)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: {run} is being trained by Slurm job {job} (scancel {job}), which the launcher (pid "
+        f"{first.pid} on {socket.gethostname()}) left running: wait for the job to end, or cancel it, then "
+        "run again to resume"
+    )
+    assert slurm_job_listed(job)  # the refusal left the job alone
+
+    subprocess.run(["scancel", job], check=True)
+    wait_for(lambda: not slurm_job_listed(job), "the cancelled job to leave squeue", timeout=60)
+    committed = latest_step(run)
+    third = pretrain_cli(store, longer)
+    lines = collect(third)
+    wait_for(lambda: any("resuming at step" in line for line in lines), "the retry to resume")
+    assert f"resuming at step {committed}," in "".join(lines)
+    retry_job = job_of(run)
+    assert retry_job != job and not slurm_job_listed(job)  # it trains alone
+    third.send_signal(signal.SIGTERM)
+    assert third.wait(timeout=120) == 143
