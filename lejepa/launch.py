@@ -150,13 +150,13 @@ def _launch_processes(
     secrets: list[str],
 ) -> int:
     """The local and hostfile modes: a launcher process on this machine starts (or reaches) every rank."""
-    if _accelerator(lc) == "cpu":
+    if rank_accelerator(lc) == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="lejepa-launch-") as tmp, contextlib.ExitStack() as cleanup:
         if lc.mode == "local":
             argv = local_command(lc, program, program_args, log_dir=Path(tmp) / "logs")
             env.update(RANK_PREFIX_ENV)
-            if _accelerator(lc) == "cpu":
+            if rank_accelerator(lc) == "cpu":
                 # torchrun would give every rank one thread; share the cores out instead.
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_nproc(lc))))
         elif lc.no_ssh:
@@ -258,7 +258,7 @@ def slurm_script(lc: LaunchConfig, program: str, program_args: list[str], *, log
     launch.requeue_on_timeout): its log is appended to, never started over, and its ranks resume from the
     run's last checkpoint, which they commit when Slurm's SIGTERM reaches them (lejepa.train).
     """
-    cpu = _accelerator(lc) == "cpu"
+    cpu = rank_accelerator(lc) == "cpu"
     directives = [
         f"--job-name={lc.job_name}",
         f"--nodes={lc.nnodes or 1}",
@@ -538,6 +538,10 @@ def job_alive(job: JobRef) -> bool:
     """Whether a job a launch submitted may still be running (the lease of its run stays held)."""
     if job.get("scheduler") == "slurm":
         return slurm_job_listed(job["id"])
+    if job.get("scheduler") == "kubernetes":
+        from lejepa import kubernetes
+
+        return kubernetes.job_alive(job)
     return True  # a scheduler this code cannot ask: it may be running
 
 
@@ -545,6 +549,9 @@ def describe_job(job: JobRef) -> str:
     """The job in words, with how to stop it."""
     if job.get("scheduler") == "slurm":
         return f"Slurm job {job['id']} (scancel {job['id']})"
+    if job.get("scheduler") == "kubernetes":
+        kind, where = job.get("kind", "Job"), f"-n {job['namespace']} {job['name']}"
+        return f"Kubernetes {kind} {job['namespace']}/{job['name']} (kubectl delete {kind.lower()} {where})"
     return f"{job.get('scheduler', 'a scheduler')} job {job.get('id') or job.get('name')}"
 
 
@@ -761,17 +768,19 @@ def _deepspeed_program(program: str, program_args: list[str]) -> list[str]:
 def _local_nproc(lc: LaunchConfig) -> int:
     if lc.nproc_per_node is not None:
         return lc.nproc_per_node
-    if _accelerator(lc) == "cuda":
+    if rank_accelerator(lc) == "cuda":
         import torch
 
         return max(1, torch.cuda.device_count())
     return 2
 
 
-def _accelerator(lc: LaunchConfig) -> str:
+def rank_accelerator(lc: LaunchConfig) -> str:
+    """What the ranks run on: launch.accelerator, or for "auto" cuda when this machine sees a GPU (on a
+    scheduler: when the job requests GPUs)."""
     if lc.accelerator != "auto":
         return lc.accelerator
-    if lc.mode == "slurm":
+    if lc.mode in ("slurm", "kubernetes"):
         return "cuda" if lc.gpus_per_node else "cpu"
     import torch
 
