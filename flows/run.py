@@ -92,15 +92,11 @@ def _turn_telemetry_off() -> bool:
 class ConsoleView(logging.Filter):
     """What Prefect's console handler shows of a run; the run's log in Prefect keeps every record.
 
-    The temporary server's start is one line, harmless warnings the ranks print on every CPU launch are
-    left out, and on a terminal the ranks' `[pretrain] step N/T ...` lines drive one progress bar.
+    The temporary server's start is one line, and on a terminal the ranks' `[pretrain] step N/T ...` lines
+    drive one progress bar.
     """
 
     STEP = re.compile(r"\[pretrain\] step (\d+)/(\d+)\s+loss (\S+)")
-    NOISE = (
-        "No CUDA runtime is found",  # torch's cpp_extension on a machine without CUDA
-        "deepspeed_shm_comm_op built successfully",  # DeepSpeed loading its CPU collectives
-    )
 
     def __init__(self, progress_bar: bool) -> None:
         super().__init__()
@@ -111,8 +107,6 @@ class ConsoleView(logging.Filter):
         message = record.getMessage()
         if message.startswith("Starting temporary server"):
             record.msg, record.args = message.splitlines()[0], ()
-        if any(noise in message for noise in self.NOISE):
-            return False
         step = self.STEP.search(message) if self.progress_bar else None
         if step:
             self._advance(int(step[1]), int(step[2]), step[3])

@@ -18,11 +18,15 @@ there would read every gradient back at each step.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +63,28 @@ class LeJEPAModel(nn.Module):
             return lejepa_loss(projections, global_views.shape[0], self.sigreg, self.lamb), embeddings
 
 
+# DeepSpeed announces on stdout, on every rank of every CPU run, that it loaded its CPU collectives.
+_START_NOISE = "deepspeed_shm_comm_op built successfully"
+
+
+@contextlib.contextmanager
+def _lines_left_out(noise: str) -> Iterator[None]:
+    """What the block prints on stdout, less the lines that hold `noise`."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        kept = [line for line in printed.getvalue().splitlines(keepends=True) if noise not in line]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the launcher's process group (or make a group of one); returns rank, world size, device."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:  # torch's C++ extension module warns of the missing CUDA runtime on import
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
     if "RANK" not in os.environ:  # started by hand: a group of one
@@ -70,8 +94,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-    use_cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    with _lines_left_out(_START_NOISE):
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -343,7 +343,11 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
         errors = [text for text in said if text.startswith("error: ")]
         last = errors[-1].removeprefix("error: ") if errors else " / ".join(said[-3:]) or "printed nothing"
         return f"{who}: {last} (exit status {returncode})"
-    # Otherwise the first traceback that is a cause, not a peer noticing that another rank died.
+    # Otherwise a stage's `error: ...` line (a user error: the rank printed the cause and its fix), then the
+    # first traceback that is a cause, not a peer noticing that another rank died.
+    said = next((line.strip() for line in lines if line.strip().startswith("error: ")), None)
+    if said:
+        return f"a rank: {said.removeprefix('error: ')} (exit status {returncode})"
     causes = [(p, e) for p, e in tracebacks if not any(s in e for s in _PEER_DIED)]
     if causes:
         prefix, error = causes[0]
@@ -586,14 +590,39 @@ def _stream(argv: list[str], env: dict[str, str], secrets: list[str]) -> tuple[i
         bufsize=1,
         start_new_session=True,
     )
+    held: list[str] = []  # from an unprefixed traceback on: maybe the launcher's own failure report
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            _emit(line.rstrip("\n"), secrets, tail)
+        for raw in proc.stdout:
+            line = _masked(raw.rstrip("\n"), secrets)
+            tail.append(line)
+            if held and _rank_of(line) is not None:  # the ranks go on: no final report after all
+                print("\n".join(held), flush=True)
+                held = []
+            if held or line.startswith(_TRACEBACK):
+                held.append(line)
+            else:
+                print(line, flush=True)
+        if kept := _without_launcher_tracebacks(held):
+            print("\n".join(kept), flush=True)
         return proc.wait(), tail
     except BaseException:
         _stop(proc)
         raise
+
+
+def _without_launcher_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` less the launcher's own tracebacks (torchrun's ChildFailedError and the failure report after
+    it, DeepSpeed's CalledProcessError): they only say that a rank failed, which the launch's error line
+    says better."""
+    kept: list[str] = []
+    for start, line in enumerate(lines):
+        if line.startswith(_TRACEBACK):
+            error = _exception_line(lines[start + 1 :], "") or ""
+            if error.split(":")[0].endswith(_LAUNCHER_EXCEPTIONS):
+                return kept
+        kept.append(line)
+    return kept
 
 
 @contextlib.contextmanager
@@ -647,10 +676,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _emit(line: str, secrets: list[str], tail: deque[str]) -> None:
-    for value in secrets:
-        line = line.replace(value, "***")
+    line = _masked(line, secrets)
     print(line, flush=True)
     tail.append(line)
+
+
+def _masked(line: str, secrets: list[str]) -> str:
+    for value in secrets:
+        line = line.replace(value, "***")
+    return line
 
 
 def _secret_values(environ: Mapping[str, str]) -> list[str]:

@@ -382,11 +382,21 @@ def test_local_rank_that_raises_fails_the_launch_with_its_error(deadline: None) 
     assert str(failed.value) == f"rank 1: RuntimeError: probe failure on rank 1 (exit status {status})"
 
 
-def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(deadline: None) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_local_rank_that_exits_nonzero_fails_the_launch_with_its_last_words(
+    deadline: None, capsys: pytest.CaptureFixture[str], launcher: str
+) -> None:
     with pytest.raises(LaunchFailed) as failed:
-        launch(cpu_config(), ["--exit-rank", "0", "--exit-code", "3"], program=PROBE)
+        launch(cpu_config(launcher=launcher), ["--exit-rank", "0", "--exit-code", "3"], program=PROBE)
     assert failed.value.status != 0
-    assert str(failed.value) == "rank 0: probe rank 0 giving up with status 3 (exit status 3)"
+    message = str(failed.value)
+    assert re.fullmatch(
+        r"(rank 0|a rank): probe rank 0 giving up with status 3 \(exit status \d+\)", message
+    ), message
+    # The rank's own words are shown; the launcher's traceback that only says a rank failed is not.
+    out = capsys.readouterr().out
+    assert "error: probe rank 0 giving up with status 3" in out
+    assert not any(noise in out for noise in ("ChildFailedError", "CalledProcessError", "Root Cause")), out
 
 
 def test_local_rank_that_dies_before_the_program_starts_is_quoted(
