@@ -1,12 +1,14 @@
 """The pretrain launcher: commands per mode, real runs of a distributed probe, failures, and Slurm scripts.
 
-The distributed runs start tests/programs/allreduce_probe.py (DeepSpeed's init_distributed, gloo, one
-all_reduce) instead of lejepa.train, so they prove the launcher alone. Each is bounded by an alarm.
+Most distributed runs start tests/programs/allreduce_probe.py (DeepSpeed's init_distributed, gloo, one
+all_reduce) instead of lejepa.train, so they prove the launcher alone; the two-host pdsh launch trains
+LeJEPA itself. Each is bounded by an alarm. The Slurm launch runs on a real cluster: see test_slurm.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,7 +38,7 @@ from lejepa.launch import (
     rank_error,
     slurm_script,
 )
-from lejepa.pretrain import cli
+from lejepa.pretrain import cli, run_pretrain
 from lejepa.shard import write_shards
 
 PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
@@ -485,31 +487,52 @@ def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 @pytest.mark.slow
-def test_hostfile_pdsh_launch_over_ssh_runs_both_hosts(
+def test_hostfile_pdsh_launch_over_ssh_trains_on_both_hosts(
     tmp_path: Path,
     loopback_sshd: tuple[int, Path],
-    deadline: None,
-    secret_env: None,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # LeJEPA itself, one rank per "host", each started by pdsh over ssh from a shared working directory.
     port, ssh_config = loopback_sshd
-    cfg = cpu_config(
-        mode="hostfile",
-        hostfile=str(two_host_file(tmp_path)),
-        ssh_port=port,
-        ssh_options=["-F", str(ssh_config)],
-        master_addr="127.0.0.1",
-    )
-    rc = launch(cfg, ["--show-env", "AWS_SECRET_ACCESS_KEY"], program=PROBE)
-    out, err = capsys.readouterr()
-    assert rc == 0, err + out[-3000:]
-    # pdsh prefixes each line with its host; DS_ACCELERATOR crossed ssh via .deepspeed_env, the secret via the
-    # ranks' private env file (lejepa.launch.exec_with_env_file).
-    assert probe_lines(out) == [
-        f"127.0.0.{r + 1}: probe rank={r} world=2 sum=3 accelerator=cpu AWS_SECRET_ACCESS_KEY={SECRET_DIGEST}"
-        for r in (0, 1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    root = tmp_path / "store"
+    tiny = [
+        f"storage.root={root}",
+        "data.source=digits",
+        "model.backbone=resnet10t",
+        "model.proj_hidden_dim=64",
+        "model.proj_dim=16",
+        "views.local_views=2",
+        "loss.num_slices=32",
+        "pretrain.batch_size=32",
+        "pretrain.max_steps=6",
+        "pretrain.checkpoint_every=3",
+        "pretrain.log_every=3",
+        "pretrain.num_workers=0",
     ]
-    assert SECRET not in out + err
+    manifest = write_shards(load_config(None, tiny), progress=False).manifest
+    over_ssh = [
+        "launch.mode=hostfile",
+        "launch.accelerator=cpu",
+        "launch.nproc_per_node=1",
+        f"launch.hostfile={two_host_file(tmp_path)}",
+        f"launch.ssh_port={port}",
+        f'launch.ssh_options=["-F", "{ssh_config}"]',
+        "launch.master_addr=127.0.0.1",
+    ]
+    cfg = load_config(None, [*tiny, *over_ssh])
+    summary = run_pretrain(cfg)
+    out = capsys.readouterr().out
+    assert summary["steps"] == 6 and summary["manifest"] == manifest
+    run = Path(summary["run_dir"])
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == list(range(1, 7))
+    record = json.loads((run / "config.json").read_text())
+    assert record["world_size"] == 2 and record["data"]["manifest"] == manifest  # both ranks read it
+    # pdsh prefixes each line with its host: rank 0 logged from the first host, and the second host ran.
+    assert re.search(r"^127\.0\.0\.1: .*\[pretrain\] step 6/6", out, re.MULTILINE), out[-3000:]
+    assert re.search(r"^127\.0\.0\.2: ", out, re.MULTILINE), out[-3000:]
 
 
 def test_hostfile_launch_with_unreachable_host_fails_in_one_line(tmp_path: Path) -> None:
