@@ -30,7 +30,8 @@ from pydantic_core import PydanticCustomError
 
 class Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so a misspelt option never silently does nothing.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A field's docstring is its description: the Prefect UI's form and docs/configuration.md show it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 # Values that reach an sbatch script, a shell or a store path must match an allow-list pattern in full:
@@ -215,10 +216,17 @@ class StorageConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["fashion-mnist", "digits", "imagefolder", "webdataset"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "digits", "imagefolder", "webdataset", "huggingface"] = "fashion-mnist"
     """Where images come from; see lejepa.sources for what each one reads."""
     path: str | None = None
-    """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's)."""
+    """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's). For
+    huggingface: a `save_to_disk` folder, Parquet files (a folder, a file or a glob), or
+    hf://datasets/OWNER/NAME for a dataset on the hub."""
+    image_column: str = "image"
+    """huggingface: the column holding the images (an Image feature, or encoded image bytes)."""
+    label_column: str | None = None
+    """huggingface: the column holding the class labels (a ClassLabel, integers or strings); None:
+    unlabelled."""
     name: FolderName | None = None
     """Dataset name in the store ({root}/datasets/{name}/...); None uses the source's name."""
     manifest: str | None = None
@@ -571,6 +579,17 @@ class PublishConfig(Section):
     """Promotion also needs the encoder's linear-probe top-1 above the raw-pixel baseline measured in the
     same run, the first release included: an encoder that pixels beat is not worth a release. The reason
     records the comparison either way."""
+    hf_repo: str | None = None
+    """Hugging Face Hub model repo (OWNER/NAME) that each promoted release's timm folder and model card are
+    uploaded to, with the token in HF_TOKEN (created private when missing); None: no upload. Without
+    HF_TOKEN the release is published and not uploaded, with one warning line."""
+
+    @field_validator("hf_repo")
+    @classmethod
+    def _hub_repo(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", value):
+            raise _refused(value, "a Hugging Face repo id: OWNER/NAME, e.g. my-org/lejepa-resnet18")
+        return value
 
 
 class StagePolicy(Section):
@@ -600,6 +619,36 @@ class OrchestrationConfig(Section):
     publish: StagePolicy = Field(default_factory=lambda: StagePolicy(retries=3, timeout_s=3600))
 
 
+class TrackingConfig(Section):
+    """Experiment trackers that mirror a run (lejepa.tracking): its config, training curves, evaluation and
+    releases. Any of them may be on at once; all are off by default. A tracker that is down never stops a
+    stage: it gets one warning line, and what could not be sent is sent when it is back."""
+
+    mlflow_uri: str | None = None
+    """MLflow tracking server, e.g. http://mlflow.internal:5000; None: off. Its credentials come from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, never from the config."""
+    experiment: str | None = None
+    """MLflow experiment and W&B group of the runs; None: the dataset's name (data.name, else the source)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to {storage.root}/runs/{run_name}/tensorboard/."""
+    wandb_project: str | None = None
+    """Weights & Biases project; None: off. Its key comes from WANDB_API_KEY (or `wandb login`)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline writes the W&B run under WANDB_DIR (default: ./wandb) for a later `wandb sync`."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str | None) -> str | None:
+        # The URI is logged and shown (parameters, warnings, Prefect links): a password in it would leak.
+        if value is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", value):
+            raise _refused(
+                "<a URI with a user name>",
+                "a URI without credentials: put them in MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+            )
+        return value
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -612,7 +661,9 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
+    """Seed of what is random in training and evaluation: initialisation, data order, views, probes."""
 
 
 class ConfigError(ValueError):

@@ -51,6 +51,7 @@ from lejepa.precision import resolve_precision
 from lejepa.report import write_evaluation_reports
 from lejepa.scoring import has_labels, model_scores
 from lejepa.storage import Storage
+from lejepa.tracking import Tracker, dataset_tags, evaluation_metrics
 
 
 class EvaluationError(RuntimeError):
@@ -302,6 +303,7 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     figure_url, report_url = write_evaluation_reports(target.storage, target.run, metrics)
     # Last: publish, and a flow resumed after this stage, take a run with metrics.json as evaluated.
     target.storage.write_json(f"{target.run}/{layout.METRICS}", metrics)
+    _track(target, metrics, [figure_url, f"{target.run}/{layout.HTML_REPORT}"])
     return EvalSummary(
         metrics=f"{target.run}/{layout.METRICS}",
         linear_probe_top1=metrics["linear_probe_top1"],
@@ -311,6 +313,20 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
         figure=figure_url,
         notes=metrics["notes"],
     )
+
+
+def _track(target: Target, metrics: dict[str, Any], artifacts: list[str]) -> None:
+    """The scores (at the run's last training step, beside its curves), the reports and the dataset, to
+    the run's trackers."""
+    summary_url = f"{target.run}/{layout.SUMMARY}"
+    step = target.storage.read_json(summary_url)["steps"] if target.storage.exists(summary_url) else 0
+    d = metrics["dataset"]
+    with Tracker.for_run(target.cfg, target.storage, target.run) as tracker:
+        tracker.log_params(redacted(target.cfg))
+        tracker.set_tags(dataset_tags(d["manifest"], d["name"], d["version"]))
+        tracker.log_metrics(step, evaluation_metrics(metrics))
+        for url in artifacts:
+            tracker.log_artifact(url)
 
 
 def evaluated_run(cfg: PipelineConfig) -> dict[str, Any]:

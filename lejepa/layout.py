@@ -9,8 +9,10 @@ Under `storage.root` (a local path, `file://...` or `s3://bucket/prefix`):
                encoder.safetensors, encoder.json, projector.safetensors,
                metrics.json, evaluation.png, evaluation.md,         # the evaluate stage
                report.html, eval/features-{split}-{key}.safetensors
+               tracking.json, tensorboard/                          # lejepa.tracking: tracker run ids
     models/{name}/{version}/encoder.safetensors, encoder.json, projector.safetensors, metrics.json,
                evaluation.png, README.md, release.json             # `release.json` commits a release
+               timm/config.json, timm/model.safetensors             # what timm loads (lejepa.timm_release)
     models/{name}/latest.json                                      # moves only after a complete release
     {a dataset version, run or model folder}/lease.json            # its one writer (lejepa.lease)
     prefect-results/                                               # Prefect task results (the cache), JSON
@@ -38,9 +40,13 @@ WEIGHTS, DESCRIPTION, PROJECTOR = "encoder.safetensors", "encoder.json", "projec
 # ...and what evaluation adds.
 METRICS = "metrics.json"
 FIGURE, EVALUATION, HTML_REPORT = "evaluation.png", "evaluation.md", "report.html"
+# ...and what experiment tracking keeps: the tracker runs' ids, TensorBoard's event files.
+TRACKER, TENSORBOARD = "tracking.json", "tensorboard"
 
-# A release: the run's files plus these two.
+# A release: the run's files plus these two...
 RELEASE, CARD = "release.json", "README.md"
+# ...and the folder timm loads with create_model("local-dir:<release>/timm").
+TIMM_CONFIG, TIMM_WEIGHTS = "timm/config.json", "timm/model.safetensors"
 
 
 def shard_name(split: str, index: int) -> str:

@@ -67,6 +67,8 @@ def create_backbone(
             if not rejected:
                 raise
             del size_kwargs[rejected[0]]
+    # What timm.create_model accepted: a release's timm/config.json rebuilds the backbone from it.
+    backbone.timm_model_args = {"in_chans": in_chans, **size_kwargs, **kwargs}
     if small_input:
         _adapt_stem_to_small_input(backbone, name)
     return backbone

@@ -1,8 +1,11 @@
 """Publish stage: a run's evaluated encoder becomes a versioned, checksummed model release.
 
 Layout: `{root}/models/{name}/{version}/` holds `encoder.safetensors`, `encoder.json` (and
-`projector.safetensors` when the run exported one), `metrics.json`, the evaluation figure and a model card
-`README.md`; `release.json` lists every file's sha256 and whether the release was promoted, and why.
+`projector.safetensors` when the run exported one), `metrics.json`, the evaluation figure, a model card
+`README.md`, and `timm/` (config.json and model.safetensors: what `timm.create_model("local-dir:...")` loads,
+see lejepa.timm_release); `release.json` lists every file's sha256 and whether the release was promoted,
+and why. With `publish.hf_repo` set, a promoted release's timm folder and card also go to that hub repo
+(with the token in HF_TOKEN; without it, one warning line and no upload), before `release.json` is written.
 
 Commit order, so readers never see half a release: every file, then `release.json` (a folder without it is
 incomplete), then `{root}/models/{name}/latest.json`, the pointer readers follow. A crash anywhere before
@@ -27,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,12 +40,25 @@ from pathlib import Path
 from typing import Any
 
 from lejepa import layout
-from lejepa.cli import config_from, run_stage, stage_parser
+from lejepa.cli import config_from, one_line, run_stage, stage_parser
 from lejepa.config import ConfigError, PipelineConfig, blank_credentials, redacted
-from lejepa.layout import CARD, DESCRIPTION, FIGURE, METRICS, PROJECTOR, RELEASE, WEIGHTS
+from lejepa.export import load_encoder
+from lejepa.layout import (
+    CARD,
+    DESCRIPTION,
+    FIGURE,
+    METRICS,
+    PROJECTOR,
+    RELEASE,
+    TIMM_CONFIG,
+    TIMM_WEIGHTS,
+    WEIGHTS,
+)
 from lejepa.lease import Lease
 from lejepa.report import results_table, write_html_report
 from lejepa.storage import Storage
+from lejepa.timm_release import HF_TOKEN_ENV, timm_config, upload_release
+from lejepa.tracking import Release, Tracker
 
 # Fault injection for the crash-safety test: SIGKILL this process after N release files are written.
 CRASH_AFTER_ENV = "LEJEPA_PUBLISH_CRASH_AFTER"
@@ -159,8 +176,11 @@ def model_card(
     promoted: bool,
     reason: str,
     with_figure: bool = True,
+    timm_note: str | None = None,
+    hf_repo: str | None = None,
 ) -> str:
-    """The release's README.md: what it is, how good it is, how it was trained, how to load it."""
+    """The release's README.md: what it is, how good it is, how it was trained, how to load it (with lejepa,
+    and with timm alone unless `timm_note` says why the release has no timm folder; from `hf_repo` too)."""
     d = metrics["dataset"]
     description = metrics["encoder"]["description"]
     splits = ", ".join(
@@ -176,12 +196,15 @@ def model_card(
             "",
             "## Load it",
             "",
+            "With lejepa, which resizes and normalises as in training:",
+            "",
             "```python",
             "from lejepa.export import load_encoder",
             f'encoder = load_encoder("{model_uri}")',
             "embeddings = encoder(images)  # uint8 or [0, 1] float images (B, C, H, W) -> (B, D)",
             "```",
             "",
+            *_timm_usage(model_uri, description["in_chans"], timm_note, hf_repo),
             "## Evaluation (frozen features, test split)",
             "",
             results_table(metrics),
@@ -231,8 +254,44 @@ def _free_version(storage: Storage, name: str, weights_sha256: str) -> tuple[str
     raise AssertionError("unreachable")
 
 
-def _write_files(storage: Storage, run_url: str, model_uri: str, card: str) -> dict[str, dict[str, Any]]:
-    """Copy the run's files and write the model card into the release folder; returns {file: sha256, bytes}.
+def _timm_usage(model_uri: str, in_chans: int, timm_note: str | None, hf_repo: str | None) -> list[str]:
+    """The model card's lines on loading the release with timm alone (or why it cannot be)."""
+    if timm_note is not None:
+        return [f"No `timm/` folder: {timm_note}.", ""]
+    remote = "://" in model_uri
+    # timm's transform keeps a PIL image's channels: a grey model needs grey images.
+    image = 'image.convert("L")' if in_chans == 1 else "image"
+    hub = [f'model = timm.create_model("hf-hub:{hf_repo}", pretrained=True).eval()  # or'] if hf_repo else []
+    return [
+        "With timm alone, from the release's `timm/` folder"
+        + (" (copied to a local folder first)" if remote else "")
+        + (f" or from the hub repo `{hf_repo}`" if hf_repo else "")
+        + ":",
+        "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{model_uri}/timm", pretrained=True).eval()  # pooled features',
+        *hub,
+        "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
+        f"features = model(transform({image}).unsqueeze(0))  # a PIL image",
+        "```",
+        "",
+    ]
+
+
+def _timm_config(storage: Storage, run_url: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The release's timm/config.json, or None and why the run's encoder is no timm model."""
+    try:
+        return timm_config(load_encoder(run_url, storage)), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def _write_files(
+    storage: Storage, run_url: str, model_uri: str, card: str, timm: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Copy the run's files and write the model card (and the `timm` folder's config.json beside a copy of
+    the weights) into the release folder; returns {file: sha256, bytes}.
 
     `LEJEPA_PUBLISH_CRASH_AFTER=N` SIGKILLs this process after N files (the crash-safety tests).
     """
@@ -243,10 +302,15 @@ def _write_files(storage: Storage, run_url: str, model_uri: str, card: str) -> d
     ]
     with tempfile.TemporaryDirectory() as tmp:
         local_storage = Storage(tmp)
-        for file_name in [*copied, CARD]:
+        (Path(tmp) / TIMM_CONFIG).parent.mkdir()
+        for file_name in [*copied, *([TIMM_CONFIG, TIMM_WEIGHTS] if timm else []), CARD]:
             local = Path(tmp) / file_name
             if file_name == CARD:
                 local.write_text(card)
+            elif file_name == TIMM_CONFIG:
+                local.write_text(json.dumps(timm, indent=2))
+            elif file_name == TIMM_WEIGHTS:  # the backbone's tensors already have timm's names
+                shutil.copyfile(Path(tmp) / WEIGHTS, local)
             else:
                 storage.get_file(f"{run_url}/{file_name}", local)
             storage.put_file(local, f"{model_uri}/{file_name}")
@@ -254,6 +318,32 @@ def _write_files(storage: Storage, run_url: str, model_uri: str, card: str) -> d
             if crash_after and len(files) >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     return files
+
+
+def _upload_to_hub(
+    cfg: PipelineConfig, storage: Storage, model_uri: str, message: str, uploadable: bool
+) -> str | None:
+    """Upload the release's timm folder and card to publish.hf_repo (when set, and `uploadable`: promoted,
+    with a timm folder); the repo's URL, or None. Without HF_TOKEN: one warning line, no upload."""
+    repo = cfg.publish.hf_repo
+    if repo is None or not uploadable:
+        return None
+    token = os.environ.get(HF_TOKEN_ENV)
+    if not token:
+        print(
+            f"warning: publish.hf_repo={repo}: {HF_TOKEN_ENV} is not set, so the release is not uploaded: "
+            f"set {HF_TOKEN_ENV} to a hub token with write access, or unset publish.hf_repo",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    try:
+        return upload_release(storage, model_uri, repo, token, message)
+    except Exception as exc:  # a refused token, a missing permission, no network: the user's to fix
+        raise PublishError(
+            f"publish.hf_repo={repo}: the upload failed ({type(exc).__name__}: {one_line(exc)[:300]}): "
+            f"check {HF_TOKEN_ENV} and the repo, or unset publish.hf_repo"
+        ) from None
 
 
 def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
@@ -276,17 +366,29 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
     raw_pixels = pixels if cfg.publish.beat_raw_pixels else None
     # What the top-1 was measured on: the gate of the next release compares against it.
     dataset = {"manifest": metrics["dataset"]["manifest"], "test_set": test_set}
+    timm, timm_note = _timm_config(storage, run_url)
 
     with Lease(storage, layout.model_url(storage, name), "published"):
         latest = read_latest(storage, name)
         promoted, reason = promotion_decision(top1, cfg.publish.min_top1, latest, force, test_set, raw_pixels)
         version, model_uri = _free_version(storage, name, weights_sha256)
+        with_figure = storage.exists(f"{run_url}/{FIGURE}")
         card = model_card(
-            name, version, model_uri, metrics, config, promoted, reason, storage.exists(f"{run_url}/{FIGURE}")
+            name,
+            version,
+            model_uri,
+            metrics,
+            config,
+            promoted,
+            reason,
+            with_figure,
+            timm_note,
+            cfg.publish.hf_repo,
         )
-        files = _write_files(storage, run_url, model_uri, card)
+        files = _write_files(storage, run_url, model_uri, card, timm)
         if files[WEIGHTS]["sha256"] != weights_sha256:
             raise PublishError(f"{run_url}/{WEIGHTS} changed while publishing: publish again")
+        hub = _upload_to_hub(cfg, storage, model_uri, f"{name} {version}", promoted and timm is not None)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         release = {
             "name": name,
@@ -300,6 +402,7 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             "promoted": promoted,
             "reason": reason,
             "previous_latest": latest["version"] if latest else None,
+            "hf_repo": hub,
             "files": files,
         }
         storage.write_json(f"{model_uri}/{RELEASE}", release)  # the release's commit point
@@ -307,7 +410,13 @@ def run_publish(cfg: PipelineConfig, force: bool = False) -> PublishSummary:
             pointer = {"version": version, "model_uri": model_uri, "linear_probe_top1": top1, **dataset}
             storage.write_json(layout.model_latest_url(storage, name), {**pointer, "updated": now})
     summary = PublishSummary(model_uri=model_uri, version=version, promoted=promoted, reason=reason)
-    write_html_report(storage, run_url, metrics, asdict(summary))  # the run's page now shows its release
+    report_url = write_html_report(storage, run_url, metrics, asdict(summary))  # now with its release
+    with Tracker.for_run(cfg, storage, run_url) as tracker:
+        scores = {k: v for k in ("linear_probe_top1", "knn_top1") if (v := metrics.get(k)) is not None}
+        files = {f: f"{model_uri}/{f}" for f in (CARD, DESCRIPTION, RELEASE)}
+        tracker.record_release(Release(name, version, model_uri, promoted, reason, scores, files))
+        tracker.log_artifact(f"{model_uri}/{CARD}")
+        tracker.log_artifact(report_url)
     return summary
 
 

@@ -2,10 +2,10 @@
 watching training steps.
 
 Not used by the pipeline itself. `moto_server` starts moto's S3 server (the `moto_server` program beside
-this Python) on a free loopback port; `stop` ends a server process; `processes_with` finds the processes
-that carry an environment variable, which every child of a process inherits, so a test or a benchmark
-can see what a killed stage left behind; `around_each_step` runs code around every training step of a
-run trained in this process.
+this Python) on a free loopback port, and `mlflow_server` an MLflow tracking server; `stop` ends a server
+process; `processes_with` finds the processes that carry an environment variable, which every child of a
+process inherits, so a test or a benchmark can see what a killed stage left behind; `around_each_step`
+runs code around every training step of a run trained in this process.
 """
 
 from __future__ import annotations
@@ -59,6 +59,37 @@ def moto_server(log: Path | None = None, env: dict[str, str] | None = None) -> I
                 time.sleep(0.05)
         yield endpoint
     finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """An MLflow tracking server (its runs in `folder/mlflow.db`, its artifacts in `folder/artifacts`) for
+    the duration of the block; yields its URL. It serves with one worker: the machines that test are small."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--default-artifact-root"]
+    command += [str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    with (folder / "server.log").open("w") as log:
+        # Its own session: the server's workers are stopped with it, as one process group.
+        proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow server did not start on {url}: see {folder}/server.log"
+                    ) from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         stop(proc)
 
 

@@ -8,6 +8,8 @@ Every rank reads the one manifest `data.manifest` names (the pretrain stage sets
 `train` reads top to bottom: the run's inputs (`_prepare`), the engine (`lejepa.engine`), the checkpoint
 manager that restores every stateful part of a resumed run (`lejepa.checkpoint`; what a run may resume
 under is `lejepa.resume`'s), the loop (`Trainer`, one `train_step` per optimizer step), the export.
+Rank 0 also mirrors the run to the trackers `tracking` turns on (`lejepa.tracking`), from the records it
+already has on the host at each flush.
 
 SIGTERM (a Slurm requeue, preemption, time limit or scancel; a launcher stopping its ranks; a pod's
 eviction) stops the run at its next log step with a checkpoint committed (`StopRequest`): a new launch
@@ -46,6 +48,7 @@ from lejepa.precision import describe
 from lejepa.resume import check_resume
 from lejepa.schedule import StepBudget
 from lejepa.storage import Storage
+from lejepa.tracking import Tracker, dataset_tags, training_point
 from lejepa.training_log import MetricsLog, Progress
 from lejepa.views import MultiCropViews
 from lejepa.with_parent import die_with_parent
@@ -164,7 +167,8 @@ def train(cfg: PipelineConfig, stop: StopRequest | None = None) -> TrainSummary:
 
     views = DeviceViews(run.views.to(device), run.stream) if cfg.views.on_device else None
     train_step = TrainStep(engine, optimizer, cfg.pretrain.grad_accum, device, dtype, probe, views, stop)
-    final_loss = Trainer(cfg.pretrain, run, budget, checkpoints, train_step, rank).run()
+    with _tracker(cfg, run, checkpoints.step, rank) as tracker:
+        final_loss = Trainer(cfg.pretrain, run, budget, checkpoints, train_step, rank, tracker).run()
 
     encoder_url = _export(engine, encoder, cfg, run, rank)
     checkpoint = f"{checkpoints.store.url}/{checkpoints.tag}"
@@ -173,6 +177,16 @@ def train(cfg: PipelineConfig, stop: StopRequest | None = None) -> TrainSummary:
         run.storage.write_json(f"{run.url}/{layout.SUMMARY}", asdict(summary))
     dist.barrier()
     return summary
+
+
+def _tracker(cfg: PipelineConfig, run: RunInputs, step: int, rank: int) -> Tracker:
+    """Rank 0's trackers (the others have none), given the run's config and dataset."""
+    if rank != 0:
+        return Tracker.off()
+    tracker = Tracker.for_run(cfg, run.storage, run.url, first_step=step)
+    tracker.log_params(run.record)
+    tracker.set_tags(dataset_tags(run.manifest_url, run.manifest.name, run.manifest.version))
+    return tracker
 
 
 def _announce(
@@ -348,9 +362,11 @@ class Trainer:
         checkpoints: CheckpointManager,
         train_step: TrainStep,
         rank: int,
+        tracker: Tracker | None = None,
     ) -> None:
         self.p, self.inputs, self.budget, self.checkpoints = p, run, budget, checkpoints
         self.train_step, self.rank = train_step, rank
+        self.tracker = tracker or Tracker.off()
         world = dist.get_world_size()
         self.pending = PendingSteps(
             p.batch_size * p.grad_accum * world, with_probe=train_step.probe is not None
@@ -383,6 +399,7 @@ class Trainer:
                 if state.step % p.checkpoint_every == 0 or self._done() or stopping:
                     if self.rank == 0:  # the log first: a resume trims what lies past its checkpoint
                         self.metrics.sync()
+                        self.tracker.sync()
                     state.commit()
                 if stopping:
                     raise TrainingStopped(
@@ -422,6 +439,9 @@ class Trainer:
             for record in records:
                 self.metrics.append(record)
                 self.progress.update(record)
+            # One point per flush (every log_every steps, each commit, the end), from the records already
+            # on the host: the tracker's thread sends it, the step never waits for it.
+            self.tracker.log_metrics(records[-1]["step"], training_point(records[-1], newly))
 
 
 def _export(engine: Any, encoder: Encoder, cfg: PipelineConfig, run: RunInputs, rank: int) -> str:

@@ -15,6 +15,7 @@ from lejepa.manifest import ShardManifest
 from lejepa.report import link_url, metrics_rows, shard_rows, training_curves_markdown
 from lejepa.shard import ShardSummary
 from lejepa.storage import Storage
+from lejepa.tracking import tracker_links
 from lejepa.training_log import read_training_log
 
 
@@ -47,6 +48,17 @@ def training_curves_artifact(storage: Storage, run_name: str, summary: dict[str,
             training_curves_markdown(run_name, log, summary),
             key=artifact_key("training-curves", run_name),
             description=f"{summary.get('steps')} steps, final loss {summary.get('final_loss')}",
+        )
+
+
+def tracker_artifacts(storage: Storage, run_name: str) -> None:
+    """A link to the run in each tracker's UI (MLflow, W&B online) that its tracking.json records."""
+    for tracker, url in tracker_links(storage, layout.run_url(storage, run_name)).items():
+        create_link_artifact(
+            url,
+            link_text=f"run {run_name} in {tracker}",
+            key=artifact_key(tracker, run_name),
+            description=f"The {tracker} run that mirrors run {run_name}: params, curves, scores, releases",
         )
 
 

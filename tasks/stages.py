@@ -33,7 +33,13 @@ from lejepa.shard import (
     write_shard_group,
 )
 from lejepa.storage import Storage
-from tasks.artifacts import metrics_artifact, release_artifacts, shard_artifacts, training_curves_artifact
+from tasks.artifacts import (
+    metrics_artifact,
+    release_artifacts,
+    shard_artifacts,
+    tracker_artifacts,
+    training_curves_artifact,
+)
 from tasks.options import key_parameter
 
 # -- shard ------------------------------------------------------------------------------------------------
@@ -86,7 +92,9 @@ def pretrain(cfg: PipelineConfig, dataset: dict, key: str) -> dict:
     A retry relaunches the same `pretrain.run_name`, which resumes from its latest checkpoint.
     """
     summary = run_pretrain(cfg)
-    training_curves_artifact(Storage.from_config(cfg.storage), cfg.pretrain.run_name, summary)
+    storage = Storage.from_config(cfg.storage)
+    training_curves_artifact(storage, cfg.pretrain.run_name, summary)
+    tracker_artifacts(storage, cfg.pretrain.run_name)
     return {**summary, "dataset": dataset["version"]}
 
 
@@ -111,6 +119,7 @@ def evaluate(cfg: PipelineConfig, trained: dict, key: str) -> dict:
     summary = asdict(run_evaluate(cfg))
     storage = Storage.from_config(cfg.storage)
     metrics_artifact(cfg.pretrain.run_name, storage.read_json(summary["metrics"]))
+    tracker_artifacts(storage, cfg.pretrain.run_name)  # the trackers' runs, where training did not reach them
     return {**summary, "metrics_sha256": storage.sha256(summary["metrics"])}
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 from lejepa.testing import moto_server, slurm_cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One temporary Prefect API for the whole suite (it takes ~20 s to start on 2 cores)."""
+    """A temporary Prefect API for a test module (it takes ~20 s to start on 2 cores). Per module: a
+    test of `lejepa-pipeline run` stops it as the command does at its end."""
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
@@ -41,6 +42,21 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             yield env
         finally:
             os.environ.pop("SLURM_CONF") if saved is None else os.environ.__setitem__("SLURM_CONF", saved)
+
+
+@pytest.fixture(scope="session")
+def mlflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the suite's MLflow server keeps everything: mlflow.db (its backend store) and artifacts/."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(mlflow_home: Path) -> Iterator[str]:
+    """One real MLflow tracking server for the suite (~10 s to start), stopped when the session ends."""
+    from lejepa.testing import mlflow_server
+
+    with mlflow_server(mlflow_home) as url:
+        yield url
 
 
 def _start_moto(extra_env: dict[str, str] | None = None) -> Iterator[str]:

@@ -100,7 +100,14 @@ def test_publish_then_load_gives_identical_embeddings(tmp_path: Path, capsys: py
     assert read_latest(storage, "fmnist")["model_uri"] == summary["model_uri"]
 
     release = verify_release(storage, summary["model_uri"])
-    assert set(release["files"]) == {"encoder.safetensors", "encoder.json", "metrics.json", "README.md"}
+    assert set(release["files"]) == {
+        "encoder.safetensors",
+        "encoder.json",
+        "metrics.json",
+        "README.md",
+        "timm/config.json",
+        "timm/model.safetensors",
+    }
     images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     published = load_encoder(summary["model_uri"])(images)
     original = load_encoder(storage.url("runs", "tiny"))(images)
@@ -108,7 +115,7 @@ def test_publish_then_load_gives_identical_embeddings(tmp_path: Path, capsys: py
 
     card = Path(summary["model_uri"], "README.md").read_text()
     assert f'load_encoder("{summary["model_uri"]}")' in card and "fashion-mnist" in card
-    for path in Path(summary["model_uri"]).iterdir():
+    for path in (p for p in Path(summary["model_uri"]).rglob("*") if p.is_file()):
         assert SECRET not in path.read_bytes().decode(errors="ignore"), path
 
 

@@ -4,8 +4,9 @@ The store is moto's S3 server over HTTP with authentication on, so a rank that d
 credentials fails. They are given only on the command line (`--set storage.access_key_id=...` and the
 other two, plus secret entries of `storage.options`), and afterwards no process's command line (sampled
 every 50 ms), no output line and no file the pipeline wrote (in the bucket, the scratch folders, the
-working directory and Prefect's database) may hold any of them. The hostfile (pdsh over ssh) and Slurm
-launches are checked the same way with the launcher probe.
+working directory, Prefect's database, and what the trackers got: the MLflow server's database and
+artifact folder, the TensorBoard files and W&B's offline run) may hold any of them. The hostfile (pdsh
+over ssh) and Slurm launches are checked the same way with the launcher probe.
 """
 
 from __future__ import annotations
@@ -210,13 +211,18 @@ def leaks(sentinels: dict[str, str], places: dict[str, bytes | str]) -> list[str
 
 
 @pytest.mark.slow
-def test_a_whole_run_leaves_no_secret_anywhere(s3_credentials: Credentials, tmp_path: Path) -> None:
+def test_a_whole_run_leaves_no_secret_anywhere(
+    s3_credentials: Credentials, tmp_path: Path, mlflow_uri: str, mlflow_home: Path
+) -> None:
     creds = s3_credentials
-    work, scratch, prefect_home = (tmp_path / name for name in ("work", "tmp", "prefect"))
-    for folder in (work, scratch, prefect_home):
+    work, scratch, prefect_home, wandb_dir = (tmp_path / name for name in ("work", "tmp", "prefect", "wandb"))
+    for folder in (work, scratch, prefect_home, wandb_dir):
         folder.mkdir()
     config = work / "run.yaml"  # the user's own file: no secret in it
     tree = {**TINY, "storage": {"root": f"s3://{creds.bucket}/lejepa", "endpoint_url": creds.endpoint}}
+    tree["tracking"] = {"mlflow_uri": mlflow_uri, "tensorboard": True, "wandb_project": "secrets"}
+    tree["tracking"] |= {"wandb_mode": "offline", "experiment": "secrets"}
+    tree["publish"] = {"name": "secrets"}
     config.write_text(yaml.safe_dump(tree))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))},
@@ -224,6 +230,7 @@ def test_a_whole_run_leaves_no_secret_anywhere(s3_credentials: Credentials, tmp_
         "PREFECT_HOME": str(prefect_home),  # the ephemeral Prefect API's database
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "WANDB_DIR": str(wandb_dir),
     }
     command = [
         PIPELINE,
@@ -245,9 +252,19 @@ def test_a_whole_run_leaves_no_secret_anywhere(s3_credentials: Credentials, tmp_
     assert any(argv[1:4] == ("-u", "-m", "lejepa.train") for argv in seen.seen), "no rank was sampled"
     database = b"".join(files_under(prefect_home).values())
     assert b"s3_additional_kwargs" in database, "the flow's parameters should be in Prefect's database"
+    # The trackers got the run (its config among the MLflow params), so the search below covers them.
+    assert any("/tensorboard/events.out.tfevents." in k for k in stored)
+    assert list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    assert len(runs) == 1 and runs[0].data.params["storage.root"] == tree["storage"]["root"]
+    assert client.get_model_version_by_alias("secrets", "champion").run_id == runs[0].info.run_id
     places = {
         **{f"s3://{creds.bucket}/{k}": v for k, v in stored.items()},
         **files_under(tmp_path),
+        **files_under(mlflow_home),  # the server's sqlite backend store and its artifact folder
         "stdout": done.stdout,
         "stderr": done.stderr,
         # The user's own command holds them, as typed; nothing the pipeline started may.
