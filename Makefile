@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test serve
+.PHONY: demo test serve docs
 
 demo: $(INSTALLED) $(FASHION_MNIST)
 	$(VENV)/bin/lejepa-pipeline demo
@@ -18,6 +18,10 @@ test: $(INSTALLED) $(FASHION_MNIST)
 # deployments and a worker, so the pipeline can be run from the UI.
 serve: $(INSTALLED) $(FASHION_MNIST)
 	bash infra/serve.sh
+
+# Regenerate the pages written from the code (tests/test_config.py fails while they are stale).
+docs: $(INSTALLED)
+	$(PY) -m lejepa.config_reference > docs/configuration.md
 
 # The virtual environment. torch is pinned first: a bare `torch` would pull a multi-GB CUDA build.
 $(INSTALLED): pyproject.toml

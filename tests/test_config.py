@@ -102,3 +102,11 @@ def test_plain_folder_names_are_accepted_and_assignments_checked():
     cfg.pretrain.run_name = "fmnist-v-0123456789ab"
     with pytest.raises(ValidationError, match="is not a folder name"):
         cfg.pretrain.run_name = "../models/fmnist"
+
+
+def test_the_configuration_reference_is_current() -> None:
+    from lejepa.config_reference import reference
+
+    page = Path(__file__).parents[1] / "docs" / "configuration.md"
+    assert page.read_text() == reference(), "docs/configuration.md is stale: run `make docs`"
+    assert "| `launch.requeue_on_timeout` | bool | `false` | Slurm: a job about" in page.read_text()
