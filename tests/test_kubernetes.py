@@ -412,12 +412,13 @@ def test_indexed_job_pods_train_together(tmp_path: Path, store: Path) -> None:
                 proc.kill()
     logs = [log.read_text() for _, log in pods]
     assert codes == [0, 0], "\n".join(text[-3000:] for text in logs)
-    # Node i ran rank i: torchrun's prefix names it on every line of its ranks.
-    assert "[rank0]:" in logs[0] and "[rank1]:" not in logs[0]
-    assert "[rank1]:" in logs[1] and "[rank0]:" not in logs[1]
+    # Node 0 ran rank 0, which logs (torchrun's prefix names it); node 1 ran the other rank of the two.
+    assert "[rank0]:" in logs[0] and "[rank1]:" not in logs[0] and "[rank0]:" not in logs[1]
     storage = Storage.from_config(cfg.storage)
-    summary = storage.read_json(f"{layout.run_url(storage, 'on-kubernetes')}/{layout.SUMMARY}")
+    run = layout.run_url(storage, "on-kubernetes")
+    summary = storage.read_json(f"{run}/{layout.SUMMARY}")
     assert summary["steps"] == 3 and summary["manifest"] == manifest_url
+    assert storage.read_json(f"{run}/{layout.CONFIG}")["world_size"] == 2
 
 
 # --- the launch against a stand-in API server -----------------------------------------------------------

@@ -490,6 +490,7 @@ def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_hostfile_pdsh_launch_over_ssh_trains_on_both_hosts(
     tmp_path: Path,
     loopback_sshd: tuple[int, Path],
+    deadline: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

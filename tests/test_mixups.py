@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,15 +104,15 @@ def test_evaluate_scores_the_manifest_the_run_trained_on(run: dict, tmp_path: Pa
         ),
     ],
 )
-def test_resume_under_other_settings_is_refused(
-    run: dict, override: str, expected: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_resume_under_other_settings_is_refused(run: dict, override: str, expected: str) -> None:
     run_dir = Path(run["summary"]["run_dir"])
     kept = {name: (run_dir / name).read_bytes() for name in ("config.json", "checkpoints/latest.json")}
-    capsys.readouterr()
-    with pytest.raises(LaunchFailed):
+    with pytest.raises(LaunchFailed) as failed:
         pretrain(run["config"], override, "pretrain.max_steps=4")
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error: run " in line]
-    assert errors and all(f"error: run {run_dir} {expected}" in line for line in errors), errors
+    # The launch fails with the rank's error line: the run, and what to resume it with.
+    message = str(failed.value)
+    assert re.fullmatch(rf"rank \d: run {re.escape(f'{run_dir} {expected}')}.* \(exit status 2\)", message), (
+        message
+    )
     # Nothing was trained or rewritten: the stored config still says what the checkpoint was trained with.
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
