@@ -88,6 +88,7 @@ def assert_same_encoder(run_dir: str | Path, reference: dict) -> None:
     assert encoder.keys() == reference.keys()
     worst = max(float((encoder[k] - reference[k]).abs().max()) for k in reference)
     assert worst <= 1e-5, f"encoder differs from the uninterrupted local run by {worst}"
+    print(f"encoder vs the uninterrupted local run: max abs difference {worst:.3g}")
 
 
 def latest_step(run: Path) -> int:
@@ -109,14 +110,14 @@ def job_of(run: Path) -> str:
     return json.loads(lease.read_text())["job"]["id"]
 
 
-def task_log(flow_state, name: str) -> list[str]:
-    """Every log line of the flow run's task run `name-...`."""
+def task_log(flow_state, name: str) -> list[tuple[float, str]]:
+    """Every log line of the flow run's task run `name-...`, with the time it was logged."""
     from test_flows import task_runs_of
 
     (run,) = [r for r in task_runs_of(flow_state.state_details.flow_run_id) if r.name.startswith(name)]
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
-    return [line for log in logs for line in log.message.splitlines()]
+    return [(log.timestamp.timestamp(), line) for log in logs for line in log.message.splitlines()]
 
 
 def pretrain_cli(root: Path, *extra: str) -> subprocess.Popen:
@@ -153,7 +154,7 @@ def test_two_node_job_trains_as_a_local_two_rank_run_and_resumes_after_a_requeue
         job = job_of(run)
         wait_for(lambda: latest_step(run) >= 5, "the first checkpoint")
         subprocess.run(["scontrol", "requeue", job], check=True, env={**os.environ, **slurm})
-        requeued["at"] = time.monotonic()
+        requeued["at"] = time.time()
 
     thread = threading.Thread(target=requeue_after_a_checkpoint, daemon=True)
     thread.start()
@@ -163,13 +164,16 @@ def test_two_node_job_trains_as_a_local_two_rank_run_and_resumes_after_a_requeue
     assert state.result()["steps"] == STEPS
     assert_same_encoder(state.result()["run_dir"], reference)
 
-    log = task_log(state, "pretrain-")
+    timed = task_log(state, "pretrain-")
+    log = [line for _, line in timed]
     job = re.search(r"submitted Slurm job (\d+)", "\n".join(log)).group(1)
     notes = [line for line in log if line.startswith(f"job {job} requeued")]
     assert len(notes) == 1 and re.fullmatch(
         rf"job {job} requeued \(job requeue\): resuming at step \d+", notes[0]
     )
     resumed_at = int(notes[0].rsplit(" ", 1)[1])
+    noted = next(when for when, line in timed if line == notes[0])
+    print(f"scontrol requeue to 'resuming at step {resumed_at}': {noted - requeued['at']:.1f} s")
     assert 5 <= resumed_at < STEPS
     # Each line of the job's log reached the task's log once, across the requeue: one line per logged step.
     steps = [int(m.group(1)) for line in log if (m := re.search(r"\[pretrain\] step (\d+)/", line))]
@@ -246,7 +250,7 @@ def test_a_stopped_launcher_cancels_its_job_and_returns_once_squeue_no_longer_li
     stopped = re.search(r"\[pretrain\] stopped at step (\d+) on SIGTERM", out)
     assert stopped and latest_step(run) == int(stopped.group(1)), out[-3000:]
     assert not (run / "lease.json").exists()
-    print(f"{sig.name} to an empty squeue: {took:.1f} s")
+    print(f"{sig.name} to the launcher's return, squeue empty: {took:.1f} s")
 
 
 def test_a_killed_launcher_leaves_no_second_writer_and_the_retry_resumes_alone(
