@@ -1,15 +1,20 @@
-"""Start the pretrain program on every rank: on this machine, on the hosts of a hostfile, or as a Slurm job.
+"""Start the pretrain program on every rank: on this machine, on the hosts of a hostfile, as a Slurm job or
+as a Kubernetes job (lejepa.kubernetes).
 
 `launch(cfg, program_args)` builds one launcher command from `cfg.launch`, runs it and streams the output of
-every rank to stdout, and returns the exit status. When a rank dies the launch fails and its last line, on
-stderr, names the rank and its error. Each mode runs what a person would type:
+every rank to stdout. When a rank dies the launch raises LaunchFailed, whose one line names the rank (and
+its node, where known) and its error; the launcher's own traceback is not shown. SIGTERM or SIGINT stops
+what the launch started, a scheduler's job included, before it returns. Each mode runs what a person would
+type:
 
 - local, torchrun:   python -m torch.distributed.run --nproc_per_node N ... -m lejepa.train ARGS
 - local, deepspeed:  python -m deepspeed.launcher.runner --num_gpus N ... --module lejepa.train ARGS
 - hostfile:          python -m deepspeed.launcher.runner --hostfile H --launcher pdsh ... --module
                      lejepa.launch ENV_FILE lejepa.train ARGS (one launch for all nodes over ssh), or with
                      --no_ssh --node_rank R and --module lejepa.train ARGS on every node (one agent per node)
-- slurm:             sbatch --wait SCRIPT, whose `srun python -u -m lejepa.train ARGS` runs once per rank
+- slurm:             sbatch --parsable SCRIPT, whose `srun python -u -m lejepa.train ARGS` runs once per rank;
+                     the job is followed with `scontrol show job` through requeues (SlurmJob) and its id is
+                     handed to the run's lease, so that no second launch trains beside it
 
 ARGS (`--config FILE --set key=value ...`) reach every rank unchanged, so FILE, this Python and this working
 directory must exist at the same paths on every node (a shared file system). ARGS are on command lines that
