@@ -28,10 +28,10 @@ from pathlib import Path
 import psutil
 
 from flows.run import DEMO_PROFILE, DEMO_SETTINGS
-from lejepa import layout
 from lejepa.config import load_config
-from lejepa.storage import Storage
-from lejepa.training_log import read_training_log
+from lejepa.store import layout
+from lejepa.store.storage import Storage
+from lejepa.train.training_log import read_training_log
 
 PIPELINE = str(Path(sys.executable).parent / "lejepa-pipeline")
 WARMUP_STEPS = 5

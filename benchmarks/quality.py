@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from lejepa import layout
 from lejepa.config import PipelineConfig, load_config
-from lejepa.evaluate import run_evaluate
-from lejepa.pretrain import run_pretrain
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
-from lejepa.training_log import read_training_log
+from lejepa.data.shard import write_shards
+from lejepa.evaluate.stage import run_evaluate
+from lejepa.store import layout
+from lejepa.store.storage import Storage
+from lejepa.train.pretrain import run_pretrain
+from lejepa.train.training_log import read_training_log
 
 PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
 """The tuned CPU settings (a CIFAR-style ResNet-10 at 3/4 width, 24/12 px views); see the file."""

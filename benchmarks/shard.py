@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.manifest import ShardManifest
-from lejepa.shard import write_shards
-from lejepa.sources import FashionMNIST
-from lejepa.storage import Storage
+from lejepa.data.manifest import ShardManifest
+from lejepa.data.shard import write_shards
+from lejepa.data.sources import FashionMNIST
+from lejepa.store.storage import Storage
 from lejepa.testing import moto_server
 
 
@@ -64,8 +64,8 @@ def loader_speed(cfg: PipelineConfig, manifest_url: str, steps: int) -> tuple[fl
     """(loader images/s with the training views, default training step images/s)."""
     import torch
 
-    from lejepa.data import TrainStream
-    from lejepa.views import MultiCropViews
+    from lejepa.data.stream import TrainStream
+    from lejepa.objective.views import MultiCropViews
 
     storage = Storage.from_config(cfg.storage)
     manifest = ShardManifest.load(storage, manifest_url)
@@ -82,9 +82,9 @@ def loader_speed(cfg: PipelineConfig, manifest_url: str, steps: int) -> tuple[fl
     loader = steps * batch / (time.perf_counter() - start)
 
     try:
-        from lejepa.loss import lejepa_loss
-        from lejepa.model import Encoder
-        from lejepa.sigreg import SIGReg
+        from lejepa.objective.loss import lejepa_loss
+        from lejepa.objective.model import Encoder
+        from lejepa.objective.sigreg import SIGReg
 
         encoder = Encoder.from_config(cfg.model, in_chans=manifest.channels, img_size=views.global_size)
         sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max)

@@ -1,4 +1,4 @@
-"""Benchmark SIGReg forward+backward: the straightforward formulation against lejepa.sigreg's.
+"""Benchmark SIGReg forward+backward: the straightforward formulation against lejepa.objective.sigreg's.
 
     python benchmarks/sigreg.py [--device cuda|cpu] [--reps R] [--threads T]
 
@@ -31,7 +31,7 @@ CUDA: one process; the caching allocator counts exactly what each pass allocates
 
 A table is printed, then one summary line per shape, key=value pairs, for scripts:
     summary device=cuda path=triton views=8 n=512 d=128 slices=1024 straightforward_ms=4.000 ...
-path names the implementation of the ECF sums that ran (lejepa.sigreg.ecf_path): recurrence (the
+path names the implementation of the ECF sums that ran (lejepa.objective.sigreg.ecf_path): recurrence (the
 CPU path), triton, or torch (the pure-torch GPU path, used when Triton is missing or failed).
 """
 
@@ -48,11 +48,11 @@ from collections.abc import Callable
 
 import torch
 
-from lejepa.sigreg import ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
+from lejepa.objective.sigreg import ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
     "straightforward": reference_sliced_epps_pulley,
-    "lejepa.sigreg": sliced_epps_pulley,
+    "lejepa.objective.sigreg": sliced_epps_pulley,
 }
 Size = tuple[int, int, int, int]  # (V, N, D, K)
 SIZES: dict[str, list[Size]] = {
@@ -172,7 +172,7 @@ def print_header(device: str, reps: int) -> None:
         where = f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
     print(f"SIGReg forward+backward, 17 knots, {where}, median of {reps} after {WARMUP[device]} warm-up")
     print(
-        f"{'V':>2} {'N':>5} {'D':>4} {'K':>5} | {'straightforward':>18} | {'lejepa.sigreg':>18} | "
+        f"{'V':>2} {'N':>5} {'D':>4} {'K':>5} | {'straightforward':>18} | {'lejepa.objective.sigreg':>18} | "
         f"{'speed-up':>8} {'memory':>7} | {'value err':>9} {'grad err':>9}"
     )
     units = f"{'ms':>8} {'MiB':>9}"

@@ -31,11 +31,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import plain_trainer, sharded_run
 
-import lejepa.train
+import lejepa.train.rank
 from lejepa.config import PipelineConfig
-from lejepa.engine import trains_in_bf16
-from lejepa.manifest import ShardManifest
+from lejepa.data.manifest import ShardManifest
 from lejepa.testing import around_each_step
+from lejepa.train.engine import trains_in_bf16
 
 UNCOUNTED_STEPS = 3
 TINY = [
@@ -79,7 +79,7 @@ class CallCount(TorchDispatchMode):
 
 
 def ours(cfg: PipelineConfig) -> CallCount:
-    """The calls of a real run's steps (`lejepa.train.train` in this process), after the first three."""
+    """The calls of a real run's steps (`lejepa.train.rank.train` in this process), after the first three."""
     calls, seen = CallCount(), [0]
 
     def counted(_: Any, step: Callable[[], Any]) -> Any:
@@ -90,7 +90,7 @@ def ours(cfg: PipelineConfig) -> CallCount:
             return step()
 
     with around_each_step(counted), contextlib.redirect_stdout(io.StringIO()):
-        lejepa.train.train(cfg)
+        lejepa.train.rank.train(cfg)
     return calls
 
 

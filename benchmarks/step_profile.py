@@ -30,11 +30,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 from train_step import plain_loop, sharded_run
 
-import lejepa.train
+import lejepa.train.rank
 from lejepa.config import PipelineConfig
-from lejepa.engine import trains_in_bf16
-from lejepa.manifest import ShardManifest
+from lejepa.data.manifest import ShardManifest
 from lejepa.testing import around_each_step
+from lejepa.train.engine import trains_in_bf16
 
 HOST_WAITS = ("Synchronize", "cudaMemcpy")
 """CUDA runtime calls where the host waits for the device: `.item()` and the like show up as a stream
@@ -100,7 +100,7 @@ def profile_ours(cfg: PipelineConfig, warmup: int, steps: int) -> profile:
         return out
 
     with prof, around_each_step(stepped), contextlib.redirect_stdout(io.StringIO()):
-        lejepa.train.train(cfg)
+        lejepa.train.rank.train(cfg)
     return prof
 
 

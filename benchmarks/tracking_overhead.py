@@ -1,6 +1,6 @@
 """Per-step cost of experiment tracking: the same small CPU run with MLflow on and off, in one process.
 
-Both sides train the same tiny encoder on the digits (one rank, `lejepa.train.train` in this process) for
+Both sides train the same tiny encoder on the digits (one rank, `lejepa.train.rank.train` in this process) for
 the same steps; the step time is the median over the timed steps of each run's metrics log (the first
 `--warmup` steps aside: they include the tracker's imports on its thread). After one untimed run (the
 first one in a process pays for one-off set-up), the runs alternate off, on, off, on, ... (`--repeats`
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from lejepa.config import load_config
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.shard import write_shards
+from lejepa.store.storage import Storage
 from lejepa.testing import mlflow_server
 from lejepa.tracking import MLflowBackend, Tracker
-from lejepa.train import train
-from lejepa.training_log import read_training_log
+from lejepa.train.rank import train
+from lejepa.train.training_log import read_training_log
 
 SMALL = [
     "data.source=digits",

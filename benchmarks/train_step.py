@@ -3,11 +3,12 @@
 Both train the same encoder, on the same views and batch size, for the same number of steps after a
 warm-up, on the same device (CUDA when there is a GPU, else the CPU):
 
-- ours: `lejepa.train.train` in this process (a one-rank DeepSpeed engine), fed by the streaming loader
+- ours: `lejepa.train.rank.train` in this process (a one-rank DeepSpeed engine), fed by the streaming loader
   from shards of the configured source (Fashion-MNIST by default), with the multi-crop views made in the
   loader's worker processes, or on the device with `--set views.on_device=true`; images/s and the
   fraction of each step spent waiting for data come from the run's metrics log;
-- baseline: `lejepa.minimal.MinimalTrainer`, a plain loop (forward, backward, AdamW) on views that are
+- baseline: `lejepa.objective.minimal.MinimalTrainer`, a plain loop (forward, backward, AdamW) on views that
+  are
   made on the device before the clock starts, so it measures pure compute: the strictest baseline there
   is. When ours trains in bf16, the baseline runs under bf16 autocast, so both sides use the same
   arithmetic.
@@ -36,14 +37,14 @@ from collections.abc import Callable
 import torch
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.engine import trains_in_bf16
-from lejepa.manifest import ShardManifest, locate_manifest
-from lejepa.minimal import MinimalTrainer
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
-from lejepa.train import train
-from lejepa.training_log import read_training_log
-from lejepa.views import MultiCropViews
+from lejepa.data.manifest import ShardManifest, locate_manifest
+from lejepa.data.shard import write_shards
+from lejepa.objective.minimal import MinimalTrainer
+from lejepa.objective.views import MultiCropViews
+from lejepa.store.storage import Storage
+from lejepa.train.engine import trains_in_bf16
+from lejepa.train.rank import train
+from lejepa.train.training_log import read_training_log
 
 
 def ours(cfg: PipelineConfig, warmup: int, cuda: bool) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """`lejepa-pipeline`: run the whole pipeline or one stage from the shell.
 
 Each stage's command forwards its arguments (`--config FILE --set key=value ...`) to the stage's own
-entry point in `lejepa/`, so `lejepa-pipeline shard ...` and `python -m lejepa.shard ...` are the same
+entry point in `lejepa/`, so `lejepa-pipeline shard ...` and `python -m lejepa.data.shard ...` are the same
 program. Imports happen per command: Prefect and DeepSpeed are slow to import and most commands
 need neither.
 """
@@ -21,11 +21,23 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "run": ("flows.run", "the whole Prefect flow on this machine: shard -> pretrain -> evaluate -> publish"),
     "deploy": ("flows.deploy", "register the deployments (manual, nightly, one per stage) on a work pool"),
-    "minimal": ("lejepa.minimal", "a short LeJEPA training run in one plain PyTorch loop (no set-up needed)"),
-    "shard": ("lejepa.shard", "write an image source as WebDataset shards with a manifest"),
-    "pretrain": ("lejepa.pretrain", "train an encoder with LeJEPA and DeepSpeed, one process to many nodes"),
-    "evaluate": ("lejepa.evaluate", "linear probe, kNN and label-free diagnostics of a run, with baselines"),
-    "publish": ("lejepa.publish", "release a run's evaluated encoder; `latest` moves only past the gate"),
+    "minimal": (
+        "lejepa.objective.minimal",
+        "a short LeJEPA training run in one plain PyTorch loop (no set-up needed)",
+    ),
+    "shard": ("lejepa.data.shard", "write an image source as WebDataset shards with a manifest"),
+    "pretrain": (
+        "lejepa.train.pretrain",
+        "train an encoder with LeJEPA and DeepSpeed, one process to many nodes",
+    ),
+    "evaluate": (
+        "lejepa.evaluate.stage",
+        "linear probe, kNN and label-free diagnostics of a run, with baselines",
+    ),
+    "publish": (
+        "lejepa.publish.stage",
+        "release a run's evaluated encoder; `latest` moves only past the gate",
+    ),
 }
 
 
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, function = STAGES[args.command][0].partition(":")
     try:
         return getattr(importlib.import_module(module_name), function or "cli")(rest)
-    except KeyboardInterrupt:  # what the command started is stopped by now (see lejepa.launch)
+    except KeyboardInterrupt:  # what the command started is stopped by now (see lejepa.train.launch)
         print(f"lejepa-pipeline {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 

@@ -26,8 +26,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from lejepa.config import OrchestrationConfig, PipelineConfig
-from lejepa.lease import Lease
-from lejepa.shard import GroupResult, ShardPlan
+from lejepa.data.shard import GroupResult, ShardPlan
+from lejepa.store.lease import Lease
 from tasks import stages
 from tasks.options import commit_key, configured, evaluate_key, group_key, pretrain_key, publish_key
 

@@ -32,10 +32,10 @@ from uuid import UUID
 
 from lejepa.cli import USER_ERRORS, config_from, stage_parser
 from lejepa.config import ConfigError, PipelineConfig
-from lejepa.launch import LaunchError
-from lejepa.layout import CARD, HTML_REPORT
-from lejepa.report import text_table
-from lejepa.storage import Storage
+from lejepa.evaluate.report import text_table
+from lejepa.store.layout import CARD, HTML_REPORT
+from lejepa.store.storage import Storage
+from lejepa.train.launch import LaunchError
 
 FLOW_USER_ERRORS = (*USER_ERRORS, LaunchError)
 ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"

@@ -81,10 +81,10 @@ part train_step_zero0 150 "$PY" benchmarks/train_step.py --config infra/gpu.yaml
 STORE=$WORK/store
 SETS=(--config infra/gpu.yaml --set "storage.root=$STORE" --set pretrain.max_steps=300
       --set pretrain.checkpoint_every=150)
-part shard 90 "$PY" -m lejepa.shard "${SETS[@]}"
-part pretrain 240 "$PY" -m lejepa.pretrain "${SETS[@]}"
-part evaluate 150 "$PY" -m lejepa.evaluate "${SETS[@]}"
-part publish 60 "$PY" -m lejepa.publish "${SETS[@]}"
+part shard 90 "$PY" -m lejepa.data.shard "${SETS[@]}"
+part pretrain 240 "$PY" -m lejepa.train.pretrain "${SETS[@]}"
+part evaluate 150 "$PY" -m lejepa.evaluate.stage "${SETS[@]}"
+part publish 60 "$PY" -m lejepa.publish.stage "${SETS[@]}"
 
 IMAGES=$WORK/jpeg
 VIT_S16=(--set data.source=imagefolder --set "data.path=$IMAGES" --set model.backbone=vit_small_patch16_224

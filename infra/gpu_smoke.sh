@@ -14,8 +14,8 @@ SOURCE=fashion-mnist
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 SETS=(--set "storage.root=$ROOT" --set "data.source=$SOURCE" --set "pretrain.max_steps=$STEPS"
       --set "pretrain.checkpoint_every=$STEPS" --set pretrain.run_name=gpu-smoke)
-"$PY" -m lejepa.shard --config infra/gpu.yaml "${SETS[@]}" | tail -n 1
-"$PY" -m lejepa.pretrain --config infra/gpu.yaml "${SETS[@]}" | tail -n 1
+"$PY" -m lejepa.data.shard --config infra/gpu.yaml "${SETS[@]}" | tail -n 1
+"$PY" -m lejepa.train.pretrain --config infra/gpu.yaml "${SETS[@]}" | tail -n 1
 "$PY" - "$ROOT/runs/gpu-smoke/metrics.jsonl" <<'PY'
 import json, statistics, sys
 records = [json.loads(line) for line in open(sys.argv[1])]

@@ -17,9 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from lejepa.config import ConfigError, PipelineConfig, load_config
-from lejepa.errors import DataError
-from lejepa.lease import LeaseHeld
-from lejepa.storage import StorageError
+from lejepa.store.errors import DataError
+from lejepa.store.lease import LeaseHeld
+from lejepa.store.storage import StorageError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, DataError, LeaseHeld)
 

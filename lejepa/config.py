@@ -159,7 +159,8 @@ REDACTED = "**redacted**"
 MASKS = (MASK, REDACTED)
 SECRETS_ENV = "LEJEPA_STORAGE_SECRETS"
 """The variable in which the pretrain launcher hands its ranks the storage secrets (storage_secrets, as JSON),
-since the config file they read holds none. lejepa.storage fills what the config leaves blank from it."""
+since the config file they read holds none. lejepa.store.storage fills what the config leaves blank
+from it."""
 
 
 def replace_secrets(options: dict[str, Any], replace: Callable[[Any], Any]) -> dict[str, Any]:
@@ -217,7 +218,7 @@ class StorageConfig(Section):
 
 class DataConfig(Section):
     source: Literal["fashion-mnist", "digits", "imagefolder", "webdataset", "huggingface"] = "fashion-mnist"
-    """Where images come from; see lejepa.sources for what each one reads."""
+    """Where images come from; see lejepa.data.sources for what each one reads."""
     path: str | None = None
     """Source location (local path or URL); None uses the source's default (fashion-mnist: Debian's). For
     huggingface: a `save_to_disk` folder, Parquet files (a folder, a file or a glob), or
@@ -284,7 +285,7 @@ class PretrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "native", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on the CPU. native: bf16 also on a CPU with AVX512-BF16 or AMX, where the
-    tuned ResNet-10 step ran ~1.6x faster (infra/cpu.yaml and the demo use it); see lejepa.precision.
+    tuned ResNet-10 step ran ~1.6x faster (infra/cpu.yaml and the demo use it); see lejepa.train.precision.
     Master weights, the optimizer and the loss stay float32."""
     num_workers: int = Field(1, ge=0)
     """Data-loader worker processes per rank (decoding and the multi-crop views run there)."""
@@ -303,7 +304,7 @@ class PretrainConfig(Section):
 class LaunchConfig(Section):
     mode: Literal["local", "hostfile", "slurm", "kubernetes"] = "local"
     """Where the ranks run: this machine, the hosts of a hostfile (DeepSpeed's launcher), a Slurm job, or a
-    Kubernetes job (see lejepa.kubernetes)."""
+    Kubernetes job (see lejepa.train.kubernetes)."""
     nproc_per_node: int | None = Field(None, gt=0)
     """Ranks per node; None: one per GPU, else 2 on a CPU-only machine (local), the hostfile's slots
     (hostfile), gpus_per_node or 1 (slurm, kubernetes)."""
@@ -339,7 +340,7 @@ class LaunchConfig(Section):
     env: list[str] = Field(default_factory=list)
     """Environment variables forwarded to remote hostfile ranks besides AWS_* and DS_ACCELERATOR; NAME or
     PREFIX_*. Those named like a secret (SECRET_NAME) travel in a file only the user can read, the others in
-    DeepSpeed's .deepspeed_env (see lejepa.launch); secret values are masked in all output."""
+    DeepSpeed's .deepspeed_env (see lejepa.train.launch); secret values are masked in all output."""
     partition: str | None = None
     """Slurm partition (sbatch --partition); None uses the cluster's default."""
     account: str | None = None

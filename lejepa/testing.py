@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lejepa.launch import free_port
+from lejepa.train.launch import free_port
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 
@@ -122,9 +122,9 @@ def processes_with(variable: str, *, or_below: bool = False) -> list[int]:
 
 @contextlib.contextmanager
 def around_each_step(wrapper: Callable[[Any, Callable[[], Any]], Any]) -> Iterator[None]:
-    """Within the block, every `lejepa.train.TrainStep` call in this process runs as
+    """Within the block, every `lejepa.train.rank.TrainStep` call in this process runs as
     `wrapper(train_step, step)`, where calling `step()` takes the step and returns what it returns."""
-    from lejepa.train import TrainStep
+    from lejepa.train.rank import TrainStep
 
     step = TrainStep.__call__
 

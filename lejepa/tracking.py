@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lejepa import layout
 from lejepa.config import PipelineConfig
-from lejepa.manifest import dataset_name
-from lejepa.storage import Storage
+from lejepa.data.manifest import dataset_name
+from lejepa.store import layout
+from lejepa.store.storage import Storage
 
 QUEUE_LIMIT = 10_000
 """Calls a backend may have waiting (while it is down); further ones are dropped and counted as lost."""

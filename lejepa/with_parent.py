@@ -2,7 +2,7 @@
 
 The launcher starts torchrun and DeepSpeed's runner through this, so a launcher that is killed, even with
 SIGKILL as the OOM killer does, takes them along, and they stop their ranks (each rank also dies with its
-own parent: `die_with_parent` in `lejepa.train`). Linux only; elsewhere it just runs the module.
+own parent: `die_with_parent` in `lejepa.train.rank`). Linux only; elsewhere it just runs the module.
 """
 
 from __future__ import annotations

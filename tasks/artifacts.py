@@ -1,6 +1,7 @@
 """What a flow run shows in the Prefect UI: each stage's artifacts (tables, curves, links).
 
-The content comes from `lejepa.report`; this module only names the artifacts and hands them to Prefect.
+The content comes from `lejepa.evaluate.report`; this module only names the artifacts and hands them to
+Prefect.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from lejepa import layout
-from lejepa.manifest import ShardManifest
-from lejepa.report import link_url, metrics_rows, shard_rows, training_curves_markdown
-from lejepa.shard import ShardSummary
-from lejepa.storage import Storage
+from lejepa.data.manifest import ShardManifest
+from lejepa.data.shard import ShardSummary
+from lejepa.evaluate.report import link_url, metrics_rows, shard_rows, training_curves_markdown
+from lejepa.store import layout
+from lejepa.store.storage import Storage
 from lejepa.tracking import tracker_links
-from lejepa.training_log import read_training_log
+from lejepa.train.training_log import read_training_log
 
 
 def artifact_key(*parts: str) -> str:

@@ -18,10 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.settings import get_current_settings
 
-from lejepa import layout
 from lejepa.config import PipelineConfig, StagePolicy
-from lejepa.shard import GroupResult, ShardPlan
-from lejepa.storage import Storage
+from lejepa.data.shard import GroupResult, ShardPlan
+from lejepa.store import layout
+from lejepa.store.storage import Storage
 from tasks.results import LocalResults, PlainJSON, StoreResults
 
 _SAVED_BLOCKS: dict[tuple[str, str], LocalResults | StoreResults] = {}  # (API server, name): saved once each

@@ -7,7 +7,7 @@ Each task is a plain callable too: `task.fn(...)`.
 
 Secrets never leave the config object: summaries, artifacts, parameters (whose JSON masks them) and the
 ranks' config file hold no credentials and no secret storage.options (the ranks get them through their
-environment, see lejepa.pretrain).
+environment, see lejepa.train.pretrain).
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lejepa.config import PipelineConfig
-from lejepa.evaluate import evaluated_run, run_evaluate
-from lejepa.manifest import ShardManifest
-from lejepa.pretrain import finished_run, run_pretrain
-from lejepa.publish import read_latest, run_publish
-from lejepa.shard import (
+from lejepa.data.manifest import ShardManifest
+from lejepa.data.shard import (
     GroupResult,
     ShardPlan,
     commit_manifest,
@@ -32,7 +29,10 @@ from lejepa.shard import (
     stored_dataset,
     write_shard_group,
 )
-from lejepa.storage import Storage
+from lejepa.evaluate.stage import evaluated_run, run_evaluate
+from lejepa.publish.stage import read_latest, run_publish
+from lejepa.store.storage import Storage
+from lejepa.train.pretrain import finished_run, run_pretrain
 from tasks.artifacts import (
     metrics_artifact,
     release_artifacts,
@@ -78,7 +78,7 @@ def commit_shards(cfg: PipelineConfig, plan: ShardPlan, results: list[GroupResul
 
 @task(name="read-dataset", cache_policy=NO_CACHE)
 def read_dataset(cfg: PipelineConfig) -> dict:
-    """The shard summary of the dataset a later stage would read (see lejepa.manifest.locate_manifest)."""
+    """The shard summary of the dataset a later stage would read (lejepa.data.manifest.locate_manifest)."""
     return stored_dataset(cfg).model_dump()
 
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from lejepa import __version__
 from lejepa.config import ConfigError, load_config, redacted
-from lejepa.model import Encoder
+from lejepa.objective.model import Encoder
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 

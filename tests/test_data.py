@@ -10,10 +10,10 @@ import torch
 from conftest import image_key, make_imagefolder
 
 from lejepa.config import load_config
-from lejepa.data import TrainStream, eval_loader
-from lejepa.manifest import ShardManifest
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.manifest import ShardManifest
+from lejepa.data.shard import write_shards
+from lejepa.data.stream import TrainStream, eval_loader
+from lejepa.store.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_uneven_split_yields_equal_steps_and_reshuffles_each_epoch(dataset):
 
 def test_resume_mid_epoch_yields_the_same_batches(dataset):
     manifest, storage = dataset
-    from lejepa.views import MultiCropViews
+    from lejepa.objective.views import MultiCropViews
 
     views = MultiCropViews(1, global_views=2, local_views=2, global_size=8, local_size=4)
 

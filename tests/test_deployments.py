@@ -20,8 +20,8 @@ import pytest
 from test_flows import TINY
 
 from lejepa.config import load_config
-from lejepa.launch import free_port as _free_port
 from lejepa.testing import stop
+from lejepa.train.launch import free_port as _free_port
 
 PREFECT = Path(sys.executable).parent / "prefect"
 

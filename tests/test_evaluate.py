@@ -12,16 +12,22 @@ import torch
 import yaml
 from PIL import Image
 
-import lejepa.evaluate as evaluate
+import lejepa.evaluate.stage as evaluate
 from lejepa.config import PipelineConfig, load_config
-from lejepa.export import FrozenEncoder, encoder_description, export_encoder
-from lejepa.features import calibrate_batchnorm, extract_features, features_key, in_precision, on_device
-from lejepa.manifest import ShardManifest, locate_manifest
-from lejepa.model import Encoder, create_backbone
-from lejepa.probes import effective_rank
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
-from lejepa.views import eval_view
+from lejepa.data.manifest import ShardManifest, locate_manifest
+from lejepa.data.shard import write_shards
+from lejepa.evaluate.features import (
+    calibrate_batchnorm,
+    extract_features,
+    features_key,
+    in_precision,
+    on_device,
+)
+from lejepa.evaluate.probes import effective_rank
+from lejepa.objective.model import Encoder, create_backbone
+from lejepa.objective.views import eval_view
+from lejepa.store.storage import Storage
+from lejepa.train.export import FrozenEncoder, encoder_description, export_encoder
 
 FAST = {
     "evaluate": {
@@ -144,7 +150,7 @@ def test_retry_reads_features_from_the_cache(
     def recompute(*args: object, **kwargs: object) -> None:
         raise AssertionError("features were recomputed despite the cache")
 
-    monkeypatch.setattr("lejepa.features.extract_features", recompute)
+    monkeypatch.setattr("lejepa.evaluate.features.extract_features", recompute)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     again = evaluate.run_evaluate(load_config(digits_run, overrides))
     assert again.linear_probe_top1 == evaluated["linear_probe_top1"]
@@ -198,7 +204,7 @@ def test_features_of_other_settings_are_not_read_from_the_cache(
         computed.append(args)
         return extract_features(*args, **kwargs)
 
-    monkeypatch.setattr("lejepa.features.extract_features", counting)
+    monkeypatch.setattr("lejepa.evaluate.features.extract_features", counting)
     cfg = load_config(digits_run, [override])
     again = evaluate.run_evaluate(cfg)
     assert len(computed) == 2 and not any("cache" in note for note in again.notes)

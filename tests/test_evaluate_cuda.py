@@ -12,18 +12,18 @@ import test_evaluate
 import torch
 from test_probes import CLASSES, _clusters
 
-import lejepa.evaluate as evaluate
+import lejepa.evaluate.stage as evaluate
 from lejepa.config import load_config
-from lejepa.export import FrozenEncoder, encoder_description
-from lejepa.features import (
+from lejepa.evaluate.features import (
     calibrate_batchnorm,
     extract_features,
     in_precision,
     on_device,
     random_init_encoder,
 )
-from lejepa.model import create_backbone
-from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
+from lejepa.evaluate.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
+from lejepa.objective.model import create_backbone
+from lejepa.train.export import FrozenEncoder, encoder_description
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -5,10 +5,10 @@ import json
 import torch
 
 import lejepa
-from lejepa.export import encoder_description, export_encoder
-from lejepa.model import Encoder
-from lejepa.storage import Storage
-from lejepa.views import eval_view
+from lejepa.objective.model import Encoder
+from lejepa.objective.views import eval_view
+from lejepa.store.storage import Storage
+from lejepa.train.export import encoder_description, export_encoder
 
 
 def test_export_then_load_gives_identical_embeddings(tmp_path):

@@ -33,7 +33,7 @@ from prefect.serializers import JSONSerializer, PickleSerializer, Serializer
 from test_trust import OpensAFile
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.shard import write_shards
+from lejepa.data.shard import write_shards
 from tasks.options import configured
 
 SECRET = "do-not-leak-this-secret-value"
@@ -301,7 +301,9 @@ def test_killed_pretrain_attempt_is_retried_and_resumes_from_its_checkpoint(tmp_
             time.sleep(0.05)
         killed_at["step"] = json.loads(latest.read_text())["step"]
         commands = {p: " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)}
-        ranks = [p for p, c in commands.items() if "lejepa.train" in c and "torch.distributed.run" not in c]
+        ranks = [
+            p for p, c in commands.items() if "lejepa.train.rank" in c and "torch.distributed.run" not in c
+        ]
         assert ranks, "no rank process found under the launcher"
         ranks[0].kill()
 

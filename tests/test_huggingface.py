@@ -15,11 +15,11 @@ from PIL import Image
 datasets = pytest.importorskip("datasets")
 
 from lejepa.config import load_config  # noqa: E402
-from lejepa.manifest import ShardManifest  # noqa: E402
-from lejepa.shard import cli, write_shards  # noqa: E402
-from lejepa.sources import _digits  # noqa: E402
-from lejepa.storage import Storage  # noqa: E402
-from lejepa.tarfiles import iter_tar_samples  # noqa: E402
+from lejepa.data.manifest import ShardManifest  # noqa: E402
+from lejepa.data.shard import cli, write_shards  # noqa: E402
+from lejepa.data.sources import _digits  # noqa: E402
+from lejepa.data.tarfiles import iter_tar_samples  # noqa: E402
+from lejepa.store.storage import Storage  # noqa: E402
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 datasets.disable_progress_bars()  # they write to stderr, where the error line is checked
@@ -182,8 +182,8 @@ def exported_run(tmp_path: Path, backbone: str, in_chans: int, *sets: str, **kwa
     config and the description."""
     import torch
 
-    from lejepa.export import encoder_description, export_encoder
-    from lejepa.model import create_backbone
+    from lejepa.objective.model import create_backbone
+    from lejepa.train.export import encoder_description, export_encoder
 
     cfg = load_config(None, [f"storage.root={tmp_path / 'store'}", "pretrain.run_name=tiny", *sets])
     storage = Storage.from_config(cfg.storage)
@@ -232,8 +232,8 @@ def test_a_release_loads_in_timm_with_the_features_of_load_encoder(
     import timm
     import torch
 
-    from lejepa.export import load_encoder
-    from lejepa.publish import run_publish, verify_release
+    from lejepa.publish.stage import run_publish, verify_release
+    from lejepa.train.export import load_encoder
 
     cfg, description = exported_run(tmp_path, backbone, in_chans, **kwargs)
     summary = run_publish(cfg)
@@ -267,7 +267,7 @@ def test_a_release_loads_in_timm_with_the_features_of_load_encoder(
 
 
 def test_a_small_input_stem_gets_no_timm_folder_and_the_card_says_why(tmp_path: Path) -> None:
-    from lejepa.publish import run_publish
+    from lejepa.publish.stage import run_publish
 
     cfg, _ = exported_run(tmp_path, "resnet18", 1, small_input=True)
     summary = run_publish(cfg)
@@ -299,7 +299,7 @@ def test_the_hub_upload_happens_only_when_asked_and_with_a_token(
 ) -> None:
     import huggingface_hub
 
-    from lejepa.publish import run_publish
+    from lejepa.publish.stage import run_publish
 
     token = "hf_do-not-leak-this-token"
     FakeHub.calls = []

@@ -16,14 +16,14 @@ from conftest import image_key, make_imagefolder
 from test_publish import _evaluated_run
 
 from lejepa.config import load_config
-from lejepa.data import TrainStream, eval_loader
-from lejepa.errors import DataError
-from lejepa.export import load_encoder
-from lejepa.manifest import ShardManifest
-from lejepa.publish import run_publish
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
-from lejepa.tarfiles import iter_tar_samples
+from lejepa.data.manifest import ShardManifest
+from lejepa.data.shard import write_shards
+from lejepa.data.stream import TrainStream, eval_loader
+from lejepa.data.tarfiles import iter_tar_samples
+from lejepa.publish.stage import run_publish
+from lejepa.store.errors import DataError
+from lejepa.store.storage import Storage
+from lejepa.train.export import load_encoder
 
 PER_CLASS = 10
 

@@ -29,20 +29,20 @@ import yaml
 
 pytest.importorskip("kubernetes")
 
-from lejepa import layout  # noqa: E402
 from lejepa.config import SECRETS_ENV, LaunchConfig, PipelineConfig, load_config  # noqa: E402
-from lejepa.kubernetes import (  # noqa: E402
+from lejepa.data.manifest import locate_manifest  # noqa: E402
+from lejepa.data.shard import write_shards  # noqa: E402
+from lejepa.store import layout  # noqa: E402
+from lejepa.store.storage import Storage  # noqa: E402
+from lejepa.train.kubernetes import (  # noqa: E402
     COMPLETION_INDEX,
     CONFIG_FILE,
     build_manifests,
     job_alive,
     launch_kubernetes,
 )
-from lejepa.launch import LaunchError, LaunchFailed, free_port, launch  # noqa: E402
-from lejepa.manifest import locate_manifest  # noqa: E402
-from lejepa.pretrain import cli, launch_inputs  # noqa: E402
-from lejepa.shard import write_shards  # noqa: E402
-from lejepa.storage import Storage  # noqa: E402
+from lejepa.train.launch import LaunchError, LaunchFailed, free_port, launch  # noqa: E402
+from lejepa.train.pretrain import cli, launch_inputs  # noqa: E402
 
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 STORAGE_SECRET = "storage-secret-9f8e7d6c5b4a"
@@ -81,7 +81,13 @@ def gpu_launch(**fields: Any) -> LaunchConfig:
 def manifests_of(lc: LaunchConfig, kind: str) -> list[dict[str, Any]]:
     args = ["--config", "/work/.lejepa-launch-x/config.yaml", "--set", "loss.lamb=0.1"]
     return build_manifests(
-        lc, "lejepa.train", args, kind=kind, name=NAME, environ=ENVIRON, config_text="loss:\n  lamb: 0.05\n"
+        lc,
+        "lejepa.train.rank",
+        args,
+        kind=kind,
+        name=NAME,
+        environ=ENVIRON,
+        config_text="loss:\n  lamb: 0.05\n",
     )
 
 
@@ -89,7 +95,7 @@ def torchrun(*rendezvous: str, nproc: int = 4) -> list[str]:
     return [
         *("python3", "-u", "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}"),
         *rendezvous,
-        *("--tee=3", "-m", "lejepa.train", "--config", CONFIG_FILE, "--set", "loss.lamb=0.1"),
+        *("--tee=3", "-m", "lejepa.train.rank", "--config", CONFIG_FILE, "--set", "loss.lamb=0.1"),
     ]
 
 
@@ -203,10 +209,10 @@ def test_trainjob_manifests() -> None:
     spec = job["spec"]
     assert spec["runtimeRef"] == {"name": "torch-distributed"}
     # The runtime sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT; its API has no envFrom, so the
-    # Secrets are mounted and exported by `python -m lejepa.kubernetes` before torchrun starts.
+    # Secrets are mounted and exported by `python -m lejepa.train.kubernetes` before torchrun starts.
     assert spec["trainer"] == {
         "image": IMAGE,
-        "command": ["python3", "-m", "lejepa.kubernetes", "/etc/lejepa-secrets", *torchrun()],
+        "command": ["python3", "-m", "lejepa.train.kubernetes", "/etc/lejepa-secrets", *torchrun()],
         "env": PLAIN_ENV,
         "numNodes": 2,
         "numProcPerNode": 4,
@@ -239,7 +245,7 @@ def test_cpu_job_runs_one_rank_per_pod_on_gloo() -> None:
 def test_secret_named_variables_of_launch_env_stay_out() -> None:
     lc = LaunchConfig(mode="kubernetes", image=IMAGE, env=["HF_*", "PET_NNODES"])
     environ = {"HF_TOKEN": SECRET, "HF_HOME": "/cache/hf", "PET_NNODES": "9"}
-    [job, _] = build_manifests(lc, "lejepa.train", [], kind="Job", name=NAME, environ=environ)
+    [job, _] = build_manifests(lc, "lejepa.train.rank", [], kind="Job", name=NAME, environ=environ)
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_HOME", "value": "/cache/hf"} in env
     assert SECRET not in json.dumps(job) and "HF_TOKEN" not in json.dumps(job)
@@ -305,7 +311,15 @@ def test_trainjob_pod_exports_its_mounted_secrets(tmp_path: Path) -> None:
         "import os; e = os.environ; print(sorted(k for k in e if k[:3] == 'AWS'), e['AWS_SECRET_ACCESS_KEY'])"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "lejepa.kubernetes", str(tmp_path / "secrets"), sys.executable, "-c", show],
+        [
+            sys.executable,
+            "-m",
+            "lejepa.train.kubernetes",
+            str(tmp_path / "secrets"),
+            sys.executable,
+            "-c",
+            show,
+        ],
         capture_output=True,
         text=True,
         env={"PATH": os.environ["PATH"]},
@@ -316,10 +330,10 @@ def test_trainjob_pod_exports_its_mounted_secrets(tmp_path: Path) -> None:
 
 def test_launch_needs_an_image_and_a_kubernetes_job_name(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"^launch.mode=kubernetes needs launch.image: "):
-        launch_kubernetes(LaunchConfig(mode="kubernetes"), "lejepa.train", [])
+        launch_kubernetes(LaunchConfig(mode="kubernetes"), "lejepa.train.rank", [])
     lc = LaunchConfig(mode="kubernetes", image=IMAGE, job_name="LeJEPA_run")
     with pytest.raises(LaunchError, match=r"launch.job_name='LeJEPA_run' cannot name a Kubernetes job"):
-        launch_kubernetes(lc, "lejepa.train", [], dry_run=True)
+        launch_kubernetes(lc, "lejepa.train.rank", [], dry_run=True)
 
 
 # --- the ranks' start-up, from the indexed Job's manifest -----------------------------------------------
@@ -366,7 +380,7 @@ def test_indexed_job_pods_train_together(tmp_path: Path, store: Path) -> None:
     config_text = (folder / "config.yaml").read_text()
     job, config_map, service = build_manifests(
         cfg.launch,
-        "lejepa.train",
+        "lejepa.train.rank",
         program_args,
         kind="Job",
         name=NAME,
@@ -645,7 +659,7 @@ def test_launch_creates_follows_and_deletes_the_job(
 ) -> None:
     lc, args = ranks_config(tmp_path)
     jobs: list[dict[str, str]] = []
-    assert launch_kubernetes(lc, "lejepa.train", args, env=ENVIRON, on_job=jobs.append) == 0
+    assert launch_kubernetes(lc, "lejepa.train.rank", args, env=ENVIRON, on_job=jobs.append) == 0
     out = capsys.readouterr().out
     group, version, plural = API_GROUPS[kind]
     created = [(path, body) for method, path, _, body in cluster.requests if method == "POST"]
@@ -690,7 +704,7 @@ FAILING_PODS = [
         [
             "[rank1]: step 1",
             "[rank1]: Traceback (most recent call last):",
-            '[rank1]:   File "lejepa/train.py", line 1, in <module>',
+            '[rank1]:   File "lejepa/train/rank.py", line 1, in <module>',
             "[rank1]: ValueError: shard 7 is corrupt",
         ],
         exit_code=1,
@@ -703,7 +717,7 @@ def test_failed_rank_fails_the_launch_in_one_line(cluster: StandInApi, tmp_path:
     lc, args = ranks_config(tmp_path)
     jobs: list[dict[str, str]] = []
     with pytest.raises(LaunchFailed) as failure:
-        launch_kubernetes(lc, "lejepa.train", args, env=ENVIRON, on_job=jobs.append)
+        launch_kubernetes(lc, "lejepa.train.rank", args, env=ENVIRON, on_job=jobs.append)
     # Pod 1 ended first, with the error; pod 0 only noticed that its peer was gone.
     assert (
         str(failure.value)
@@ -718,7 +732,7 @@ def test_failed_rank_fails_the_launch_in_one_line(cluster: StandInApi, tmp_path:
 def test_pod_that_cannot_start_fails_the_launch_in_one_line(cluster: StandInApi, tmp_path: Path) -> None:
     lc, args = ranks_config(tmp_path)
     with pytest.raises(LaunchFailed) as failure:
-        launch_kubernetes(lc, "lejepa.train", args, env=ENVIRON)
+        launch_kubernetes(lc, "lejepa.train.rank", args, env=ENVIRON)
     assert re.fullmatch(
         r"pod lejepa-pretrain-\w{6}-0-x7k2p \(node 0\) cannot start: ImagePullBackOff: Back-off pulling "
         r'"registry.example.com/lejepa:0.1.0": check launch.image and launch.image_pull_secrets',
@@ -760,7 +774,7 @@ def test_missing_config_or_unreachable_api_fail_in_one_line(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(LaunchError) as failure:
-        launch_kubernetes(lc, "lejepa.train", args)
+        launch_kubernetes(lc, "lejepa.train.rank", args)
     assert re.fullmatch(
         r"launch.mode=kubernetes found no Kubernetes config \(.+\): run in a pod of the cluster, or point "
         r"KUBECONFIG at a kubeconfig",
@@ -769,7 +783,7 @@ def test_missing_config_or_unreachable_api_fail_in_one_line(
     closed = f"http://127.0.0.1:{free_port()}"
     use_kubeconfig(monkeypatch, tmp_path / "kubeconfig", closed)
     with pytest.raises(LaunchError) as failure:
-        launch_kubernetes(lc, "lejepa.train", args)
+        launch_kubernetes(lc, "lejepa.train.rank", args)
     assert re.fullmatch(
         rf"cannot reach the Kubernetes API at {closed} to ask whether the cluster serves "
         r"trainer.kubeflow.org/v1alpha1 \(.+\): check the kubeconfig's server and the network",

@@ -1,7 +1,7 @@
 """The pretrain launcher: commands per mode, real runs of a distributed probe, failures, and Slurm scripts.
 
 Most distributed runs start tests/programs/allreduce_probe.py (DeepSpeed's init_distributed, gloo, one
-all_reduce) instead of lejepa.train, so they prove the launcher alone; the two-host pdsh launch trains
+all_reduce) instead of lejepa.train.rank, so they prove the launcher alone; the two-host pdsh launch trains
 LeJEPA itself. Each is bounded by an alarm. The Slurm launch runs on a real cluster: see test_slurm.py.
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
-from lejepa.launch import (
+from lejepa.data.shard import write_shards
+from lejepa.train.launch import (
     LaunchError,
     LaunchFailed,
     _write_deepspeed_env,
@@ -38,8 +39,7 @@ from lejepa.launch import (
     rank_error,
     slurm_script,
 )
-from lejepa.pretrain import cli, run_pretrain
-from lejepa.shard import write_shards
+from lejepa.train.pretrain import cli, run_pretrain
 
 PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -85,7 +85,7 @@ def probe_lines(out: str) -> list[str]:
 
 def test_local_commands(tmp_path: Path) -> None:
     lc = cpu_config(master_port=29600).launch
-    assert local_command(lc, "lejepa.train", ["--config", "c.yaml"], log_dir=tmp_path) == [
+    assert local_command(lc, "lejepa.train.rank", ["--config", "c.yaml"], log_dir=tmp_path) == [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -97,7 +97,7 @@ def test_local_commands(tmp_path: Path) -> None:
         "--tee=3",
         f"--log_dir={tmp_path}",
         "-m",
-        "lejepa.train",
+        "lejepa.train.rank",
         "--config",
         "c.yaml",
     ]
@@ -122,17 +122,19 @@ def test_launcher_commands_use_only_options_the_installed_launchers_have(tmp_pat
     from deepspeed.launcher.runner import parse_args as deepspeed_args
     from torch.distributed.run import get_args_parser
 
-    torchrun = local_command(cpu_config().launch, "lejepa.train", ["--config", "c.yaml"], log_dir=tmp_path)
+    torchrun = local_command(
+        cpu_config().launch, "lejepa.train.rank", ["--config", "c.yaml"], log_dir=tmp_path
+    )
     parsed = get_args_parser().parse_args(torchrun[3:])
     assert (parsed.module, parsed.training_script, parsed.training_script_args) == (
         True,
-        "lejepa.train",
+        "lejepa.train.rank",
         ["--config", "c.yaml"],
     )
     hostfile = two_host_file(tmp_path)
     deepspeed_commands = [
         local_command(
-            cpu_config(launcher="deepspeed").launch, "lejepa.train", ["--set", "a=1"], log_dir=tmp_path
+            cpu_config(launcher="deepspeed").launch, "lejepa.train.rank", ["--set", "a=1"], log_dir=tmp_path
         ),
         hostfile_command(
             cpu_config(
@@ -150,19 +152,19 @@ def test_launcher_commands_use_only_options_the_installed_launchers_have(tmp_pat
                 master_addr="h",
                 master_port=1,
             ).launch,
-            "lejepa.train",
+            "lejepa.train.rank",
             [],
         ),
     ]
     for argv in deepspeed_commands:
         parsed = deepspeed_args(argv[3:])
-        assert parsed.user_script in ("lejepa.train", "probe.py") and parsed.no_local_rank
+        assert parsed.user_script in ("lejepa.train.rank", "probe.py") and parsed.no_local_rank
 
 
 def test_hostfile_commands(tmp_path: Path) -> None:
     hostfile = two_host_file(tmp_path)
     lc = cpu_config(mode="hostfile", hostfile=str(hostfile), ssh_port=2222, master_port=29700).launch
-    assert hostfile_command(lc, "lejepa.train", ["--config", "c.yaml"]) == [
+    assert hostfile_command(lc, "lejepa.train.rank", ["--config", "c.yaml"]) == [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
@@ -174,7 +176,7 @@ def test_hostfile_commands(tmp_path: Path) -> None:
         "--master_port=29700",
         "--no_local_rank",
         "--module",
-        "lejepa.train",
+        "lejepa.train.rank",
         "--config",
         "c.yaml",
     ]
@@ -187,7 +189,7 @@ def test_hostfile_commands(tmp_path: Path) -> None:
         master_port=29700,
         nproc_per_node=4,
     ).launch
-    assert hostfile_command(lc, "lejepa.train", []) == [
+    assert hostfile_command(lc, "lejepa.train.rank", []) == [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
@@ -199,23 +201,23 @@ def test_hostfile_commands(tmp_path: Path) -> None:
         "--num_gpus=4",
         "--no_local_rank",
         "--module",
-        "lejepa.train",
+        "lejepa.train.rank",
     ]
 
 
 def test_hostfile_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match="needs launch.hostfile"):
-        hostfile_command(cpu_config(mode="hostfile").launch, "lejepa.train", [])
+        hostfile_command(cpu_config(mode="hostfile").launch, "lejepa.train.rank", [])
     with pytest.raises(LaunchError, match="does not exist"):
         hostfile_command(cpu_config(mode="hostfile", hostfile=str(tmp_path / "nope")).launch, "x", [])
     lc = cpu_config(mode="hostfile", hostfile=str(two_host_file(tmp_path)), no_ssh=True, node_rank=0).launch
     with pytest.raises(LaunchError, match="launch.master_addr, launch.master_port"):
-        hostfile_command(lc, "lejepa.train", [])
+        hostfile_command(lc, "lejepa.train.rank", [])
     lc = cpu_config(
         mode="hostfile", hostfile=lc.hostfile, no_ssh=True, node_rank=2, master_addr="a", master_port=1
     ).launch
     with pytest.raises(LaunchError, match="node_rank=2 but .* names 2 hosts"):
-        hostfile_command(lc, "lejepa.train", [])
+        hostfile_command(lc, "lejepa.train.rank", [])
 
 
 def test_config_rejects_unknown_and_invalid_launch_fields() -> None:
@@ -565,7 +567,7 @@ def test_slurm_script_for_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ).launch
     script = slurm_script(
         lc,
-        "lejepa.train",
+        "lejepa.train.rank",
         ["--config", "run config.yaml", "--set", "loss.lamb=0.1"],
         log_path=tmp_path / "job.out",
     )
@@ -585,21 +587,21 @@ def test_slurm_script_for_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "#SBATCH --account=proj42",
         "#SBATCH --time=2-00:00:00",
         "#SBATCH --exclusive",
-        "# Generated by lejepa.launch. sbatch and srun pass the submitting shell's environment (credentials",
-        "# included) on to every rank: nothing secret is written here.",
+        "# Generated by lejepa.train.launch. sbatch and srun pass the submitting shell's environment",
+        "# (credentials included) on to every rank: nothing secret is written here.",
         "set -euo pipefail",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         "export OMP_NUM_THREADS=12",
         "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 bash -c 'export RANK=$SLURM_PROCID "
         'LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"\' rank '
-        f"{python} -u -m lejepa.train --config 'run config.yaml' --set loss.lamb=0.1",
+        f"{python} -u -m lejepa.train.rank --config 'run config.yaml' --set loss.lamb=0.1",
     ]
 
 
 def test_slurm_cpu_job_sets_the_cpu_accelerator(tmp_path: Path) -> None:
     lc = cpu_config(mode="slurm", accelerator="auto", master_port=29900).launch
-    script = slurm_script(lc, "lejepa.train", [], log_path=tmp_path / "job.out")
+    script = slurm_script(lc, "lejepa.train.rank", [], log_path=tmp_path / "job.out")
     assert "#SBATCH --nodes=1" in script and "#SBATCH --ntasks-per-node=1" in script
     assert "gpus-per-node" not in script and "partition" not in script
     assert "export MASTER_PORT=29900\nexport DS_ACCELERATOR=cpu\n" in script
@@ -620,7 +622,7 @@ def test_slurm_dry_run_prints_the_script_and_submits_nothing(
     assert out.startswith("#!/bin/bash\n#SBATCH --job-name=lejepa-pretrain\n")
     assert "#SBATCH --partition=debug" in out
     # The ranks read the config from a private launch folder, so no --set (nor a secret) is on their line.
-    assert re.search(rf"-m lejepa.train --config {tmp_path}/\.lejepa-launch-\w+/config\.yaml\n$", out)
+    assert re.search(rf"-m lejepa.train.rank --config {tmp_path}/\.lejepa-launch-\w+/config\.yaml\n$", out)
     assert not (tmp_path / "submitted").exists() and not (tmp_path / "slurm").exists()
 
 
@@ -644,7 +646,7 @@ def test_slurm_script_quotes_and_checks_what_it_interpolates(tmp_path: Path) -> 
     # Defence in depth: a LaunchConfig built without validation still cannot add a line to the script.
     def script(**fields: object) -> str:
         lc = LaunchConfig.model_construct(mode="slurm", accelerator="cpu", **fields)
-        return slurm_script(lc, "lejepa.train", [], log_path=tmp_path / "job.out")
+        return slurm_script(lc, "lejepa.train.rank", [], log_path=tmp_path / "job.out")
 
     assert "\nexport MASTER_ADDR='a;touch MARK'\n" in script(master_addr="a;touch MARK")
     for fields in ({"partition": "gpu\ntouch MARK"}, {"extra_sbatch": ["--qos=a b"]}, {"job_name": 'x"y'}):
@@ -659,7 +661,7 @@ def test_hostfile_master_address_must_be_a_plain_host(tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("h;touch slots=1\n")
     with pytest.raises(LaunchError, match=r"master address 'h;touch' is not a plain host name"):
-        hostfile_command(cpu_config(mode="hostfile", hostfile=str(hostfile)).launch, "lejepa.train", [])
+        hostfile_command(cpu_config(mode="hostfile", hostfile=str(hostfile)).launch, "lejepa.train.rank", [])
 
 
 def test_slurm_submit_without_sbatch_fails_in_one_line(

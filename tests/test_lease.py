@@ -1,7 +1,7 @@
 """One writer per run: the store lease, and ranks that die with their launcher.
 
-The real test SIGKILLs a `lejepa.pretrain` launcher mid-run, as the OOM killer would, and checks that none
-of its processes is left, that a retry resumes alone, and that a concurrent second attempt is refused.
+The real test SIGKILLs a `lejepa.train.pretrain` launcher mid-run, as the OOM killer would, and checks that
+none of its processes is left, that a retry resumes alone, and that a concurrent second attempt is refused.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from lejepa.config import load_config
-from lejepa.layout import LEASE
-from lejepa.lease import Lease, LeaseHeld
-from lejepa.shard import CRASH_AFTER_ENV, write_shards
-from lejepa.storage import Storage
+from lejepa.data.shard import CRASH_AFTER_ENV, write_shards
+from lejepa.store.layout import LEASE
+from lejepa.store.lease import Lease, LeaseHeld
+from lejepa.store.storage import Storage
 from lejepa.testing import processes_with
 from lejepa.with_parent import PARENT_ENV
 
@@ -82,7 +82,7 @@ def _processes_of_launcher(pid: int) -> list[int]:
 
 def test_a_killed_shard_stage_takes_its_pool_workers_along(tmp_path: Path) -> None:
     marker = f"LEJEPA_TEST_MARKER={uuid.uuid4().hex}"
-    command = [sys.executable, "-m", "lejepa.shard", "--no-progress", "--set", "data.source=digits"]
+    command = [sys.executable, "-m", "lejepa.data.shard", "--no-progress", "--set", "data.source=digits"]
     command += ["--set", f"storage.root={tmp_path}", "--set", "shard.samples_per_shard=50"]
     command += ["--set", "shard.workers=2", "--set", "shard.start_method=fork"]
     env = {**os.environ, CRASH_AFTER_ENV: "4", marker.split("=")[0]: marker.split("=")[1]}
@@ -105,9 +105,9 @@ def test_a_killed_reader_takes_its_loader_workers_along(tmp_path: Path) -> None:
     reader = (
         "import sys\n"
         "from lejepa.config import load_config\n"
-        "from lejepa.data import TrainStream\n"
-        "from lejepa.manifest import ShardManifest, locate_manifest\n"
-        "from lejepa.storage import Storage\n"
+        "from lejepa.data.stream import TrainStream\n"
+        "from lejepa.data.manifest import ShardManifest, locate_manifest\n"
+        "from lejepa.store.storage import Storage\n"
         "cfg = load_config(None, sys.argv[1:])\n"
         "storage = Storage.from_config(cfg.storage)\n"
         "manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))\n"
@@ -148,7 +148,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_pa
             }
         )
     )
-    command = [sys.executable, "-m", "lejepa.pretrain", "--config", str(config)]
+    command = [sys.executable, "-m", "lejepa.train.pretrain", "--config", str(config)]
     run = store / "runs" / "lease"
     marker = run / "checkpoints" / "latest.json"
 

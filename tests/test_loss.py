@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lejepa.loss import lejepa_loss
-from lejepa.sigreg import SIGReg, sliced_epps_pulley
+from lejepa.objective.loss import lejepa_loss
+from lejepa.objective.sigreg import SIGReg, sliced_epps_pulley
 
 
 def test_loss_matches_hand_computation():

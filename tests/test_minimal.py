@@ -1,7 +1,7 @@
 """A short LeJEPA run on real Fashion-MNIST images on the CPU lowers the loss."""
 
 from lejepa.config import load_config
-from lejepa.minimal import load_fashion_mnist_train, train_minimal
+from lejepa.objective.minimal import load_fashion_mnist_train, train_minimal
 
 
 def test_short_fashion_mnist_run_lowers_the_loss():

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from test_train import pretrain, write_config
 
-from lejepa import evaluate
 from lejepa.config import load_config
-from lejepa.launch import LaunchFailed
-from lejepa.manifest import ShardManifest, latest_manifest_url, locate_manifest
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.manifest import ShardManifest, latest_manifest_url, locate_manifest
+from lejepa.data.shard import write_shards
+from lejepa.evaluate import stage as evaluate
+from lejepa.store.storage import Storage
+from lejepa.train.launch import LaunchFailed
 
 
 @pytest.fixture(scope="module")

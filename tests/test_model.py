@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lejepa.config import ModelConfig
-from lejepa.model import Encoder, create_backbone, keep_norm_statistics_fp32
+from lejepa.objective.model import Encoder, create_backbone, keep_norm_statistics_fp32
 
 # Small projector so the tests measure the plumbing, not a 2048-wide MLP.
 PROJ = {"proj_dim": 16, "proj_hidden_dim": 32}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lejepa.optimizer import DeviceAdamW
+from lejepa.train.optimizer import DeviceAdamW
 
 
 def _model() -> nn.Module:

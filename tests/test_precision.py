@@ -1,4 +1,4 @@
-"""What `precision: auto` and `native` mean (lejepa.precision), for training and evaluation alike."""
+"""What `precision: auto` and `native` mean (lejepa.train.precision), for training and evaluation alike."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lejepa import precision
 from lejepa.config import load_config
-from lejepa.engine import deepspeed_config, trains_in_bf16
+from lejepa.train import precision
+from lejepa.train.engine import deepspeed_config, trains_in_bf16
 
 
 @pytest.mark.parametrize("native", [True, False])

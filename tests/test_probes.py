@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lejepa.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
+from lejepa.evaluate.probes import effective_rank, knn_classify, linear_probe, sigreg_statistic, top1
 
 CLASSES, DIM = 10, 32
 

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.export import encoder_description, export_encoder, load_encoder
-from lejepa.layout import LEASE, RELEASE
-from lejepa.lease import Lease
-from lejepa.model import create_backbone
-from lejepa.publish import CRASH_AFTER_ENV, cli, read_latest, run_publish, verify_release
-from lejepa.storage import Storage
+from lejepa.objective.model import create_backbone
+from lejepa.publish.stage import CRASH_AFTER_ENV, cli, read_latest, run_publish, verify_release
+from lejepa.store.layout import LEASE, RELEASE
+from lejepa.store.lease import Lease
+from lejepa.store.storage import Storage
+from lejepa.train.export import encoder_description, export_encoder, load_encoder
 
 SECRET = "do-not-leak-this-secret"
 
@@ -140,7 +140,7 @@ def test_interrupted_publish_leaves_latest_on_the_previous_release(tmp_path: Pat
     cfg = _evaluated_run(tmp_path, top1=0.95, seed=1)
     env = {**os.environ, CRASH_AFTER_ENV: "2"}  # SIGKILL right after the second release file is written
     result = subprocess.run(
-        [sys.executable, "-m", "lejepa.publish", "--config", str(tmp_path / "config.yaml")],
+        [sys.executable, "-m", "lejepa.publish.stage", "--config", str(tmp_path / "config.yaml")],
         env=env,
         capture_output=True,
         text=True,

@@ -17,16 +17,16 @@ import pytest
 
 from flows.run import ConsoleView, summary, ui_command
 from lejepa.config import load_config, redacted
-from lejepa.layout import FIGURE, HTML_REPORT
-from lejepa.report import (
+from lejepa.data.shard import write_shards
+from lejepa.evaluate.report import (
     html_report,
     results_table,
     text_table,
     write_figure,
     write_html_report,
 )
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.store.layout import FIGURE, HTML_REPORT
+from lejepa.store.storage import Storage
 
 HISTORY = [
     {"step": s, "loss": 4.0 / s, "prediction": 1.0 / s, "sigreg": 60.0 / s, "probe_acc": 0.1 * s, "lr": 1e-3}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lejepa.schedule import StepBudget, warmup_cosine
+from lejepa.train.schedule import StepBudget, warmup_cosine
 
 
 def test_warmup_rises_linearly_then_the_cosine_falls_to_its_floor() -> None:

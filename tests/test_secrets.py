@@ -30,9 +30,9 @@ from conftest import _start_moto
 from test_launch import PROBE, cpu_config, loopback_sshd, probe_lines, two_host_file
 
 from lejepa.config import MASK, SECRETS_ENV, PipelineConfig, load_config, redacted
-from lejepa.launch import free_port, launch
-from lejepa.pretrain import launch_folder, launch_inputs
-from lejepa.storage import Storage
+from lejepa.store.storage import Storage
+from lejepa.train.launch import free_port, launch
+from lejepa.train.pretrain import launch_folder, launch_inputs
 
 __all__ = ["loopback_sshd"]  # a fixture, used by name
 
@@ -249,7 +249,7 @@ def test_a_whole_run_leaves_no_secret_anywhere(
     assert any(k.endswith("/release.json") for k in stored)
     results = [json.loads(v) for k, v in stored.items() if "/prefect-results/" in k]
     assert results and all(r["metadata"]["serializer"] == {"type": "lejepa-json"} for r in results)
-    assert any(argv[1:4] == ("-u", "-m", "lejepa.train") for argv in seen.seen), "no rank was sampled"
+    assert any(argv[1:4] == ("-u", "-m", "lejepa.train.rank") for argv in seen.seen), "no rank was sampled"
     database = b"".join(files_under(prefect_home).values())
     assert b"s3_additional_kwargs" in database, "the flow's parameters should be in Prefect's database"
     # The trackers got the run (its config among the MLflow params), so the search below covers them.
@@ -371,7 +371,7 @@ def test_the_ranks_config_file_holds_no_secret_and_their_environment_all(
 def test_a_dry_run_shows_no_secret(
     mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lejepa.pretrain import cli
+    from lejepa.train.pretrain import cli
 
     monkeypatch.chdir(tmp_path)
     sets = [*SECRET_SETS, f"launch.mode={mode}", f"launch.hostfile={two_host_file(tmp_path)}"]
@@ -379,7 +379,7 @@ def test_a_dry_run_shows_no_secret(
         cli(["--dry-run", "--set", "launch.accelerator=cpu", *(a for s in sets for a in ("--set", s))]) == 0
     )
     out, err = capsys.readouterr()
-    assert "lejepa.train --config " in out
+    assert "lejepa.train.rank --config " in out
     assert leaks(SENTINELS, {"output": out + err}) == []
 
 
@@ -387,8 +387,8 @@ SHOWN = (SECRETS_ENV, "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "WANDB_A
 
 
 def launch_probe(cfg: PipelineConfig) -> tuple[int, set[tuple[str, ...]], str]:
-    """Launch the probe as the pretrain stage launches lejepa.train (launch_inputs in a launch_folder), with
-    the storage secrets of SECRET_SETS; returns its status, the command lines seen, and what each rank
+    """Launch the probe as the pretrain stage launches lejepa.train.rank (launch_inputs in a launch_folder),
+    with the storage secrets of SECRET_SETS; returns its status, the command lines seen, and what each rank
     should print about SHOWN when every secret arrived."""
     cfg.storage = load_config(None, SECRET_SETS).storage
     with launch_folder(cfg) as folder, CommandLines(everywhere=cfg.launch.mode == "slurm") as seen:
@@ -426,7 +426,7 @@ def test_ranks_started_over_ssh_get_their_secrets_from_a_private_file(
     commands = {" ".join(argv) for argv in seen}
     # pdsh, ssh and the remote shell were seen; plain variables still cross in the command (.deepspeed_env).
     assert any(c.startswith("pdsh ") and "export DS_ACCELERATOR=cpu;" in c for c in commands), commands
-    assert any(f"-u {PROBE} --show-env" in c for c in commands)  # a rank, after lejepa.launch exec'd it
+    assert any(f"-u {PROBE} --show-env" in c for c in commands)  # a rank, after lejepa.train.launch exec'd it
     assert leaks(SENTINELS, {"output": out + err, **{f"argv {c[:300]}": c for c in commands}}) == []
     assert not list(tmp_path.glob(".lejepa-*")), "the rank env file and the launch folder should be gone"
 

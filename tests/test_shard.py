@@ -21,13 +21,19 @@ from conftest import image_key, make_imagefolder, unique_image
 from PIL import Image
 
 from lejepa.config import StorageConfig, load_config
-from lejepa.data import eval_loader
-from lejepa.layout import LEASE
-from lejepa.lease import Lease
-from lejepa.manifest import RejectedSample, ShardEntry, ShardManifest, latest_manifest_url, manifest_url_for
-from lejepa.shard import CRASH_AFTER_ENV, GroupResult, cli, write_shards
-from lejepa.storage import Storage, StorageError
-from lejepa.tarfiles import iter_tar_samples
+from lejepa.data.manifest import (
+    RejectedSample,
+    ShardEntry,
+    ShardManifest,
+    latest_manifest_url,
+    manifest_url_for,
+)
+from lejepa.data.shard import CRASH_AFTER_ENV, GroupResult, cli, write_shards
+from lejepa.data.stream import eval_loader
+from lejepa.data.tarfiles import iter_tar_samples
+from lejepa.store.layout import LEASE
+from lejepa.store.lease import Lease
+from lejepa.store.storage import Storage, StorageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +138,7 @@ def test_killed_run_leaves_no_manifest_and_rerun_completes(tmp_path: Path):
     cmd = [
         sys.executable,
         "-m",
-        "lejepa.shard",
+        "lejepa.data.shard",
         "--no-progress",
         "--set",
         "data.source=digits",

@@ -13,8 +13,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import lejepa
-from lejepa import sigreg
-from lejepa.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
+from lejepa.objective import sigreg
+from lejepa.objective.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,7 +325,7 @@ def test_out_of_memory_in_a_kernel_is_raised_and_leaves_triton_on(monkeypatch):
 
 def test_without_triton_the_import_fails_once_with_a_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
-    monkeypatch.delitem(sys.modules, "lejepa.sigreg_triton", raising=False)
+    monkeypatch.delitem(sys.modules, "lejepa.objective.sigreg_triton", raising=False)
     monkeypatch.delattr(lejepa, "sigreg_triton", raising=False)
     monkeypatch.setattr(sigreg, "_triton_error", None)
     with pytest.warns(RuntimeWarning, match=r"unavailable \(ModuleNotFoundError: import of triton halted"):
@@ -336,7 +336,8 @@ def test_without_triton_the_import_fails_once_with_a_warning(monkeypatch):
 TRITON_CHILD = """
 import sys
 import torch
-from lejepa import sigreg, sigreg_triton
+from lejepa.objective import sigreg
+from lejepa.objective import sigreg_triton
 
 sigreg.ecf_path = lambda device, dtype: "triton"
 inputs, out = torch.load(sys.argv[1]), sys.argv[2]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_sigreg import assert_float32_agreement, float32_case, force_path, values_and_grads
 
-from lejepa import sigreg
-from lejepa.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
+from lejepa.objective import sigreg
+from lejepa.objective.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lejepa.sigreg import SIGReg, sliced_epps_pulley
+from lejepa.objective.sigreg import SIGReg, sliced_epps_pulley
 
 WORLD_SIZE = 2
 DIM, SLICES = 8, 32

@@ -27,12 +27,12 @@ from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 from safetensors.torch import load_file
 
 from lejepa.config import PipelineConfig, load_config
-from lejepa.data import TrainStream, _slice
-from lejepa.launch import slurm_job_listed
-from lejepa.manifest import ShardManifest, locate_manifest
-from lejepa.pretrain import run_pretrain
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.manifest import ShardManifest, locate_manifest
+from lejepa.data.shard import write_shards
+from lejepa.data.stream import TrainStream, _slice
+from lejepa.store.storage import Storage
+from lejepa.train.launch import slurm_job_listed
+from lejepa.train.pretrain import run_pretrain
 
 STEPS = 60
 TINY = [

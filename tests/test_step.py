@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from lejepa.config import ConfigError, load_config
-from lejepa.engine import _mask_non_finite, build_engine, require_deepspeed
-from lejepa.model import Encoder
+from lejepa.objective.model import Encoder
+from lejepa.train.engine import _mask_non_finite, build_engine, require_deepspeed
 
 PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
 

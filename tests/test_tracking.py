@@ -18,13 +18,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lejepa.config import ConfigError, PipelineConfig, load_config
-from lejepa.evaluate import run_evaluate
-from lejepa.launch import free_port
-from lejepa.pretrain import run_pretrain
-from lejepa.publish import PublishSummary, run_publish
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.shard import write_shards
+from lejepa.evaluate.stage import run_evaluate
+from lejepa.publish.stage import PublishSummary, run_publish
+from lejepa.store.storage import Storage
 from lejepa.tracking import CHAMPION, Tracker, flatten
+from lejepa.train.launch import free_port
+from lejepa.train.pretrain import run_pretrain
 
 TINY = [
     "data.source=digits",

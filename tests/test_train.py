@@ -1,7 +1,7 @@
 """The pretrain stage for real: DeepSpeed ranks as separate processes talking over gloo on the CPU.
 
-Every test launches `lejepa.train` through `lejepa.launch` on a small digits dataset and checks what the
-run left in storage: the metrics log, the checkpoints, the exported encoder.
+Every test launches `lejepa.train.rank` through `lejepa.train.launch` on a small digits dataset and checks
+what the run left in storage: the metrics log, the checkpoints, the exported encoder.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import yaml
 from safetensors.torch import load_file
 
 import lejepa
-from lejepa.checkpoint import _deepspeed_types
 from lejepa.config import load_config
-from lejepa.launch import LaunchFailed, free_port
-from lejepa.pretrain import run_pretrain
-from lejepa.schedule import warmup_cosine
-from lejepa.shard import write_shards
-from lejepa.storage import Storage
+from lejepa.data.shard import write_shards
+from lejepa.store.storage import Storage
+from lejepa.train.checkpoint import _deepspeed_types
+from lejepa.train.launch import LaunchFailed, free_port
+from lejepa.train.pretrain import run_pretrain
+from lejepa.train.schedule import warmup_cosine
 
 # Small enough for two ranks on two cores: a few seconds a step, losses still clearly falling.
 BASE = {
@@ -165,7 +165,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, store: Path) -> 
     config = write_config(tmp_path / "cfg.yaml", store, "killed")
     marker = store / "runs" / "killed" / "checkpoints" / "latest.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lejepa.pretrain", "--config", str(config)],
+        [sys.executable, "-m", "lejepa.train.pretrain", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -234,7 +234,7 @@ def test_checkpoints_and_resume_on_s3(
 
 
 def test_online_probe_starts_equal_on_every_rank_and_skips_unlabelled_samples() -> None:
-    from lejepa.online_probe import OnlineProbe
+    from lejepa.train.online_probe import OnlineProbe
 
     torch.manual_seed(1)  # each rank seeds its global RNG with seed + rank
     first = OnlineProbe(8, 3, torch.device("cpu"), seed=0)

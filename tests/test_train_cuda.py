@@ -16,10 +16,10 @@ from test_step import host_reads
 
 import lejepa
 from lejepa.config import load_config
-from lejepa.data import batch_generator
-from lejepa.pretrain import run_pretrain
-from lejepa.shard import write_shards
-from lejepa.views import MultiCropViews
+from lejepa.data.shard import write_shards
+from lejepa.data.stream import batch_generator
+from lejepa.objective.views import MultiCropViews
+from lejepa.train.pretrain import run_pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -24,12 +24,12 @@ import yaml
 
 import lejepa
 from lejepa.config import ConfigError, load_config
-from lejepa.export import encoder_description, export_encoder
-from lejepa.model import Encoder
-from lejepa.shard import write_shards
-from lejepa.storage import Storage, StorageError
+from lejepa.data.shard import write_shards
+from lejepa.objective.model import Encoder
+from lejepa.store.storage import Storage, StorageError
+from lejepa.train.export import encoder_description, export_encoder
 
-# One rank started by hand (`python -m lejepa.train`, its own CLI), two steps: seconds on two cores.
+# One rank started by hand (`python -m lejepa.train.rank`, its own CLI), two steps: seconds on two cores.
 BASE = {
     "data": {"source": "digits"},
     "model": {"backbone": "resnet10t", "proj_hidden_dim": 256, "proj_dim": 64},
@@ -68,7 +68,7 @@ def write_config(path: Path, store: Path, run_name: str, **pretrain: object) -> 
 def train(config: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     args = [a for o in overrides for a in ("--set", o)]
     return subprocess.run(
-        [sys.executable, "-m", "lejepa.train", "--config", str(config), *args],
+        [sys.executable, "-m", "lejepa.train.rank", "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=600,

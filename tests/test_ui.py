@@ -21,7 +21,7 @@ import pytest
 from test_deployments import server  # noqa: F401  (the fixture: `prefect server start` on a free port)
 from test_flows import TINY
 
-from lejepa.report import percent
+from lejepa.evaluate.report import percent
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

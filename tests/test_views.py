@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lejepa import views as views_module
 from lejepa.config import ViewsConfig
-from lejepa.views import MultiCropViews, eval_view, random_crop_affines
+from lejepa.objective import views as views_module
+from lejepa.objective.views import MultiCropViews, eval_view, random_crop_affines
 
 
 def _smooth_images(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:

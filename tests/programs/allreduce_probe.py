@@ -1,4 +1,4 @@
-"""Launcher test probe: join the process group the way lejepa.train does, all_reduce, report one line.
+"""Launcher test probe: join the process group the way lejepa.train.rank does, all_reduce, report one line.
 
 Prints `probe rank=R world=W sum=S accelerator=A` and, for each --show-env NAME, `NAME=<sha256 prefix>`
 (never the value), so a test can check that a variable arrived without it appearing in any log.

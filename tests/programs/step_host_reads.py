@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-import lejepa.train
+import lejepa.train.rank
 from lejepa.config import load_config
-from lejepa.shard import write_shards
+from lejepa.data.shard import write_shards
 from lejepa.testing import around_each_step
 
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
@@ -95,7 +95,7 @@ def main() -> None:
                 torch.cuda.set_sync_debug_mode("default")
 
     with around_each_step(watched):
-        lejepa.train.train(cfg)
+        lejepa.train.rank.train(cfg)
     report = {
         "reads": [[name, where, count] for (name, where), count in reads.seen.most_common()],
         "synchronizes": synchronizes[0],

@@ -1,0 +1,1 @@
+"""The shard stage and what reads its output: image sources, tar files, the manifest, the training stream."""
