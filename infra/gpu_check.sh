@@ -68,9 +68,9 @@ part() {
 : > "$OUT/parts.txt"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-TESTS=(tests/test_sigreg_cuda.py tests/test_train_cuda.py tests/test_evaluate_cuda.py tests/test_sigreg.py
-       "tests/test_launch.py::test_launcher_commands_use_only_options_the_installed_launchers_have"
-       "tests/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted")
+TESTS=(tests/objective/test_sigreg_cuda.py tests/train/test_train_cuda.py tests/evaluate/test_evaluate_cuda.py tests/objective/test_sigreg.py
+       "tests/train/test_launch.py::test_launcher_commands_use_only_options_the_installed_launchers_have"
+       "tests/train/test_launch.py::test_local_rank_that_dies_before_the_program_starts_is_quoted")
 [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"
 part tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}"
 part sigreg 120 "$PY" benchmarks/sigreg.py --device cuda

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lejepa.testing import moto_server, slurm_cluster
+from lejepa.testing import free_port, moto_server, slurm_cluster
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +128,52 @@ def make_imagefolder(root: Path, per_class: int = 40, classes: int = 3, fmt: str
             unique_image(n).save(folder / f"img_{n:04d}.{fmt.lower()}", format=fmt)
             n += 1
     return root
+
+
+# --- sshd on two loopback addresses, the hostfile launcher's "remote" nodes --------------------------------
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"sshd did not accept connections on {host}:{port} within {timeout} s")
+
+
+@pytest.fixture
+def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """sshd on 127.0.0.1 and 127.0.0.2 at a free port with throw-away keys; yields (port, ssh_config)."""
+    missing = [tool for tool in ("/usr/sbin/sshd", "pdsh", "ssh", "ssh-keygen") if not shutil.which(tool)]
+    if missing or os.geteuid() != 0:
+        needs = ", ".join(missing) or "sshd and pdsh"
+        pytest.skip(f"needs root and {needs}: run infra/install-test-deps.sh as root")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d}/host_key\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
+    )
+    (d / "ssh_config").write_text(
+        f"Host 127.0.0.1 127.0.0.2\n  IdentityFile {d}/client_key\n  IdentitiesOnly yes\n  BatchMode yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    log = d / "sshd.log"
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
+    try:
+        _wait_for_port("127.0.0.2", port, sshd, log)
+        yield port, d / "ssh_config"
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)

@@ -27,14 +27,12 @@ import boto3
 import pytest
 import yaml
 from conftest import _start_moto
-from test_launch import PROBE, cpu_config, loopback_sshd, probe_lines, two_host_file
+from launching import PROBE, cpu_config, probe_lines, two_host_file
 
 from lejepa.config import MASK, SECRETS_ENV, PipelineConfig, load_config, redacted
 from lejepa.store.storage import Storage
 from lejepa.train.launch import free_port, launch
 from lejepa.train.pretrain import launch_folder, launch_inputs
-
-__all__ = ["loopback_sshd"]  # a fixture, used by name
 
 PIPELINE = str(Path(sys.executable).parent / "lejepa-pipeline")
 ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
@@ -42,7 +40,7 @@ ASSUME = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
 }
-# Small enough for two ranks on two cores (tests/test_train.py's BASE, fewer steps).
+# Small enough for two ranks on two cores (tests/train/test_train.py's BASE, fewer steps).
 TINY = {
     "data": {"source": "digits"},
     "shard": {"samples_per_shard": 600, "workers": 1},

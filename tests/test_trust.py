@@ -126,7 +126,7 @@ def test_a_clean_zero2_checkpoint_resumes_under_weights_only(
     resumes_to_step_4(write_config(tmp_path / "cfg.yaml", store, "clean-2", zero_stage=2))
 
 
-# ZeRO 0 in fp32 resumes in tests/test_train.py; bf16 is what GPUs train in.
+# ZeRO 0 in fp32 resumes in tests/train/test_train.py; bf16 is what GPUs train in.
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_a_clean_bf16_checkpoint_resumes_under_weights_only(
     tmp_path: Path, store: Path, zero_stage: int

@@ -16,7 +16,7 @@ import lejepa
 from lejepa.objective import sigreg
 from lejepa.objective.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def unit_directions(dim: int, slices: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

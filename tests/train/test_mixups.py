@@ -2,7 +2,7 @@
 other settings than its checkpoint's is refused.
 
 Two versions of the digits dataset share a store; `latest.json` points at the second one, while the run is
-pinned to the first through `data.manifest`. The run is the tiny 2-rank CPU config of tests/test_train.py.
+pinned to the first through `data.manifest`. The run is the tiny 2-rank CPU config of test_train.py.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from lejepa.store.layout import LEASE
 from lejepa.store.lease import Lease
 from lejepa.store.storage import Storage, StorageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(root: str, source: str = "imagefolder", path: str | Path | None = None, **overrides):

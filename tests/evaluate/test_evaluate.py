@@ -31,7 +31,7 @@ from lejepa.train.export import FrozenEncoder, encoder_description, export_encod
 
 FAST = {
     "evaluate": {
-        "device": "cpu",  # the same numbers on a machine with a GPU; tests/test_evaluate_cuda.py tests cuda
+        "device": "cpu",  # the same numbers with a GPU; test_evaluate_cuda.py tests cuda
         "precision": "fp32",  # the same on every CPU (auto is bf16 where the CPU has it natively)
         "probe_epochs": 20,
         "probe_batch_size": 256,

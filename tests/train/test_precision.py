@@ -30,7 +30,7 @@ def test_native_picks_bf16_only_where_the_hardware_has_it(
 
 
 def test_bf16_under_zero_0_is_autocast_not_deepspeeds_bf16_mode() -> None:
-    # DeepSpeed's bf16 wrapper at ZeRO-0 reads every gradient back to the host (tests/test_step.py).
+    # DeepSpeed's bf16 wrapper at ZeRO-0 reads every gradient back to the host (tests/train/test_step.py).
     for stage, deepspeed_bf16 in ((0, False), (1, True), (2, True), (3, True)):
         cfg = load_config(None, ["pretrain.precision=bf16", f"pretrain.zero_stage={stage}"])
         assert deepspeed_config(cfg, 1, use_cuda=True)["bf16"]["enabled"] is deepspeed_bf16

@@ -8,7 +8,7 @@ overflow check's `.item()`, the clip's `bool(norm)`), and its ZeRO 1-2 one more 
 any settings (the -1 it masks a non-finite gradient norm with, copied from the host: on an H200 that
 one cost 16% of the GPU profile's throughput). DeepSpeed's bf16 mode made about 52 a step under ZeRO-0,
 where its wrapper checks every gradient: there bf16 is torch's autocast instead.
-`tests/test_train_cuda.py` checks the same on a GPU with torch's sync debug mode.
+`tests/train/test_train_cuda.py` checks the same on a GPU with torch's sync debug mode.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lejepa.config import ConfigError, load_config
 from lejepa.objective.model import Encoder
 from lejepa.train.engine import _mask_non_finite, build_engine, require_deepspeed
 
-PROGRAM = Path(__file__).parent / "programs" / "step_host_reads.py"
+PROGRAM = Path(__file__).parents[1] / "programs" / "step_host_reads.py"
 
 
 def host_reads(store: Path, *overrides: str) -> dict:

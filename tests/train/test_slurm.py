@@ -52,7 +52,7 @@ TINY = [
     "launch.accelerator=cpu",
 ]
 TWO_NODES = ["launch.mode=slurm", "launch.nnodes=2", "launch.nproc_per_node=1", "launch.cpus_per_task=1"]
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")

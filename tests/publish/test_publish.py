@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from lejepa.config import PipelineConfig, load_config
 from lejepa.objective.model import create_backbone
 from lejepa.publish.stage import CRASH_AFTER_ENV, cli, read_latest, run_publish, verify_release
+from lejepa.store.errors import DataError
 from lejepa.store.layout import LEASE, RELEASE
 from lejepa.store.lease import Lease
 from lejepa.store.storage import Storage
@@ -226,3 +228,25 @@ def test_a_model_being_published_refuses_a_second_publisher(
         assert read_latest(storage, "fmnist") is None and [p.name for p in Path(model).iterdir()] == [LEASE]
     assert cli(["--config", str(tmp_path / "config.yaml")]) == 0
     assert read_latest(storage, "fmnist") is not None and not Path(model, LEASE).exists()
+
+
+@pytest.mark.parametrize("changed", ["encoder.safetensors", "encoder.json"])
+def test_release_file_changed_after_publishing_is_refused(tmp_path: Path, changed: str):
+    release = run_publish(_evaluated_run(tmp_path, top1=0.9, seed=0)).model_uri
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    original = load_encoder(release)(images)  # untouched: loads
+
+    path = Path(release, changed)
+    if changed == "encoder.json":
+        description = json.loads(path.read_text())
+        path.write_text(json.dumps({**description, "mean": [0.5]}))
+    else:  # the last byte of the last tensor: still a valid safetensors file, other weights
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{re.escape(str(path))} does not match its sha256 in release.json"):
+        load_encoder(release)
+    # A run folder has no release.json: its files are not checksummed.
+    run = Path(tmp_path, "store", "runs", "tiny", changed)
+    run.write_bytes(path.read_bytes())
+    assert load_encoder(str(run.parent))(images).shape == original.shape

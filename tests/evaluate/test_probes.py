@@ -74,7 +74,7 @@ def test_knn_over_chunks_of_the_training_split_equals_one_pass() -> None:
 
 
 def test_probes_run_on_the_device_of_their_inputs() -> None:
-    """The device-generic path with the device spelt out (tests/test_evaluate_cuda.py runs it on a GPU)."""
+    """The device-generic path with the device spelt out (test_evaluate_cuda.py runs it on a GPU)."""
     device = torch.device("cpu")
     train_x, train_y = (t.to(device) for t in _clusters(500, seed=10))
     test_x, _ = _clusters(100, seed=11)

@@ -13,9 +13,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -24,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from launching import PROBE, cpu_config, probe_lines, two_host_file
 
-from lejepa.config import ConfigError, LaunchConfig, PipelineConfig, load_config
+from lejepa.config import ConfigError, LaunchConfig, load_config
 from lejepa.data.shard import write_shards
 from lejepa.train.launch import (
     LaunchError,
@@ -41,7 +40,6 @@ from lejepa.train.launch import (
 )
 from lejepa.train.pretrain import cli, run_pretrain
 
-PROBE = str(Path(__file__).parent / "programs" / "allreduce_probe.py")
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 SECRET_DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()[:12]
 
@@ -64,20 +62,6 @@ def deadline() -> Iterator[None]:
 def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-
-
-def cpu_config(**launch_fields: object) -> PipelineConfig:
-    return PipelineConfig(launch=LaunchConfig(**{"accelerator": "cpu", **launch_fields}))
-
-
-def two_host_file(tmp_path: Path) -> Path:
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("# two loopback 'nodes'\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
-    return hostfile
-
-
-def probe_lines(out: str) -> list[str]:
-    return sorted(line for line in out.splitlines() if "probe rank=" in line)
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -440,52 +424,6 @@ def test_two_node_agents_with_no_ssh_finish_a_run_together(
 
 
 # --- the real hostfile launcher: pdsh over ssh to two loopback "hosts" ----------------------------------
-
-
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"sshd did not accept connections on {host}:{port} within {timeout} s")
-
-
-@pytest.fixture
-def loopback_sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """sshd on 127.0.0.1 and 127.0.0.2 at a free port with throw-away keys; yields (port, ssh_config)."""
-    missing = [tool for tool in ("/usr/sbin/sshd", "pdsh", "ssh", "ssh-keygen") if not shutil.which(tool)]
-    if missing or os.geteuid() != 0:
-        needs = ", ".join(missing) or "sshd and pdsh"
-        pytest.skip(f"needs root and {needs}: run infra/install-test-deps.sh as root")
-    d = tmp_path / "ssh"
-    d.mkdir()
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d}/host_key\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
-    )
-    (d / "ssh_config").write_text(
-        f"Host 127.0.0.1 127.0.0.2\n  IdentityFile {d}/client_key\n  IdentitiesOnly yes\n  BatchMode yes\n"
-        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
-    )
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
-    log = d / "sshd.log"
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
-    try:
-        _wait_for_port("127.0.0.2", port, sshd, log)
-        yield port, d / "ssh_config"
-    finally:
-        sshd.terminate()
-        sshd.wait(timeout=10)
 
 
 @pytest.mark.slow

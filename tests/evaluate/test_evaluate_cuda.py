@@ -27,7 +27,7 @@ from lejepa.train.export import FrozenEncoder, encoder_description
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-# The tiny run (digits shards and an exported encoder) of tests/test_evaluate.py and its CPU evaluation.
+# The tiny run (digits shards and an exported encoder) of test_evaluate.py and its CPU evaluation.
 digits_run, evaluated = test_evaluate.digits_run, test_evaluate.evaluated
 
 
