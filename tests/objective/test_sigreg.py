@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import lejepa
+import lejepa.objective
 from lejepa.objective import sigreg
 from lejepa.objective.sigreg import SIGReg, ecf_path, reference_sliced_epps_pulley, sliced_epps_pulley
 
@@ -326,7 +326,7 @@ def test_out_of_memory_in_a_kernel_is_raised_and_leaves_triton_on(monkeypatch):
 def test_without_triton_the_import_fails_once_with_a_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.delitem(sys.modules, "lejepa.objective.sigreg_triton", raising=False)
-    monkeypatch.delattr(lejepa, "sigreg_triton", raising=False)
+    monkeypatch.delattr(lejepa.objective, "sigreg_triton", raising=False)
     monkeypatch.setattr(sigreg, "_triton_error", None)
     with pytest.warns(RuntimeWarning, match=r"unavailable \(ModuleNotFoundError: import of triton halted"):
         assert sigreg._triton_kernels.__wrapped__() is None
