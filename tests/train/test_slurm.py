@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+from prefect.logging.handlers import APILogWorker
 from safetensors.torch import load_file
 
 from lejepa.config import PipelineConfig, load_config
@@ -115,6 +116,7 @@ def task_log(flow_state, name: str) -> list[tuple[float, str]]:
     from test_flows import task_runs_of
 
     (run,) = [r for r in task_runs_of(flow_state.state_details.flow_run_id) if r.name.startswith(name)]
+    APILogWorker.drain_all(timeout=60)  # the run's last lines may still be on their way to the API
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
     return [(log.timestamp.timestamp(), line) for log in logs for line in log.message.splitlines()]
