@@ -12,7 +12,7 @@ demo: $(INSTALLED) $(FASHION_MNIST)
 
 test: $(INSTALLED) $(FASHION_MNIST)
 	bash infra/install-test-deps.sh
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # An extra, not a set-up command: a local Prefect server + UI on 127.0.0.1:4200, the work pool, the
 # deployments and a worker, so the pipeline can be run from the UI.

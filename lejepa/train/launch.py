@@ -87,8 +87,10 @@ _JOB_CANCELLED = re.compile(r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+(?: DUE TO (
 _TIME_LIMIT_NEAR = "nears its time limit: requeueing it"  # the sbatch script's USR1 trap
 _RUN_STARTS = re.compile(r"\[pretrain\] run \S+: (?:starting|resuming at step (\d+))")  # lejepa.train.rank
 _RANKS_STOPPED = re.compile(r"\[pretrain\] stopped at step (\d+)")  # lejepa.train.rank, on SIGTERM
-# srun's word on a task that failed: "srun: error: node2: task 1: Exited with exit code 2".
-_SRUN_TASK_FAILED = re.compile(r"srun: error: (\S+): tasks? (\d+)\S*: Exited with exit code (\d+)")
+# srun's word on a task that failed: "srun: error: node2: task 1: Exited with exit code 2", or the name
+# of the signal that killed it ("... task 1: Aborted").
+_SRUN_TASK_FAILED = re.compile(r"srun: error: (\S+): tasks? (\d+)\S*: (?:Exited with exit code (\d+)|(.+))")
+_SIGNAL_STATUS = {signal.strsignal(s): 128 + s for s in signal.valid_signals() if signal.strsignal(s)}
 _LAUNCHER_EXCEPTIONS = ("ChildFailedError", "CalledProcessError")
 # torchrun's line prefix, read from the environment by every torch since 2.2 (its --log_line_prefix_template
 # option exists in some versions and not in others). Without either, torchrun writes [default<local rank>]:.
@@ -336,9 +338,7 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
     root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", "\n".join(lines), re.DOTALL)
     srun = next((m for line in lines if (m := _SRUN_TASK_FAILED.search(line)) and m.group(3) != "0"), None)
     if root or srun:
-        rank, returncode = (
-            (root.group(1), int(root.group(2))) if root else (srun.group(2), int(srun.group(3)))
-        )
+        rank, returncode = (root.group(1), int(root.group(2))) if root else (srun.group(2), _srun_status(srun))
         who = f"rank {rank} on {srun.group(1)}" if srun else f"rank {rank}"
         for prefix, error in tracebacks:
             if _rank_of(prefix) == rank:
@@ -365,6 +365,12 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
         return f"a rank died without a traceback (exit status {returncode}); then {_who(prefix)}: {error}"
     last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
     return f"a rank exited with status {returncode}; last output: {last}"
+
+
+def _srun_status(failed: re.Match[str]) -> int:
+    """The exit status of the task in srun's line: its exit code, or 128 + the signal that killed it."""
+    code, killed_by = failed.group(3), failed.group(4)
+    return int(code) if code else _SIGNAL_STATUS.get(killed_by.strip(), 1)
 
 
 def free_port() -> int:

@@ -492,4 +492,12 @@ def _rank0_only(summary: TrainSummary) -> TrainSummary | None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    status = cli()
+    if status:
+        # A failing rank leaves its peers mid-collective, and tearing the process group down at interpreter
+        # exit then aborts (SIGABRT: "terminate called without an active exception"), which hides the
+        # status from the launcher: leave at once, with the output flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -328,6 +328,23 @@ def test_rank_error_names_the_failing_rank() -> None:
     assert rank_error(["just a line", ""], 7) == "a rank exited with status 7; last output: just a line"
 
 
+def test_rank_error_trusts_srun_on_a_task_killed_by_a_signal() -> None:
+    # srun names the first task to fail, here by the signal that killed it; its peer's collective error
+    # and exit code arrive later and are symptoms.
+    lines = [
+        "1: error: train-000004.tar does not match its sha256 in the manifest",
+        "srun: error: node2: task 1: Aborted",
+        "1: terminate called without an active exception",
+        "0: [rank0]: Traceback (most recent call last):",
+        "0: [rank0]:   File \"t.py\", line 1, in <module>",
+        "0: [rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:24987",
+        "srun: error: node1: task 0: Exited with exit code 1",
+    ]
+    assert rank_error(lines, 1) == (
+        "rank 1 on node2: train-000004.tar does not match its sha256 in the manifest (exit status 134)"
+    )
+
+
 def test_rank_error_quotes_a_rank_that_died_before_the_program_started() -> None:
     # torch 2.11's torchrun without a prefix template: [default<local rank>]:, and python's own words.
     lines = [
