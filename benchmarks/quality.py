@@ -1,6 +1,7 @@
 """Quality benchmark, the headline number: shard -> pretrain -> evaluate on Fashion-MNIST on this CPU.
 
-    .venv/bin/python benchmarks/quality.py [--root DIR] [--budget-min 15 | --steps N] [--set key=value ...]
+    .venv/bin/python benchmarks/quality.py [--root DIR] [--data fashion-mnist | digits]
+        [--budget-min 15 | --steps N] [--set key=value ...]
 
 The settings are the tuned CPU profile, `infra/cpu.yaml` (`--set` overrides it). Pretraining gets a
 wall-clock budget (15 minutes by default): a short calibration run measures the seconds per step here,
@@ -9,7 +10,12 @@ steps). With `--steps N` it trains exactly N steps instead, however long they ta
 does not depend on how fast the machine is that day. Then the evaluate stage scores the encoder beside
 the same architecture at random initialisation and logistic regression on raw pixels, on the same splits.
 
-Target: linear-probe top-1 >= 88% and >= raw pixels + 3 points. Prints the table, then a JSON line.
+`--data digits` runs the same profile on scikit-learn's 1,797 8x8 hand-written digits (80/20 split), the
+check that the profile is not tuned to one dataset.
+
+Target on Fashion-MNIST: linear-probe top-1 >= 90% and kNN top-1 above raw pixels' (the README reports
+the mean of seeds 0 and 1: `--set seed=1`); on the digits: both probes above raw pixels. The evaluation
+marks each gap to a baseline as within or beyond the probe's noise. Prints the table, then a JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from lejepa.config import PipelineConfig, load_config
 from lejepa.data.shard import write_shards
+from lejepa.evaluate.report import results_table
 from lejepa.evaluate.stage import run_evaluate
 from lejepa.store import layout
 from lejepa.store.storage import Storage
@@ -31,7 +38,11 @@ from lejepa.train.training_log import read_training_log
 
 PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
 """The tuned CPU settings (a CIFAR-style ResNet-10 at 3/4 width, 24/12 px views); see the file."""
-TARGET_TOP1, TARGET_MARGIN = 0.88, 0.03
+TARGET_TOP1 = {"fashion-mnist": 0.90, "digits": None}  # None: above raw pixels is the target
+DATA = {
+    "fashion-mnist": ["data.source=fashion-mnist"],
+    "digits": ["data.source=digits", "data.test_fraction=0.2"],
+}
 
 
 def _config(root: str, run_name: str, extra: list[str]) -> tuple[PipelineConfig, list[str]]:
@@ -59,14 +70,17 @@ def seconds_per_step(root: str, extra: list[str], steps: int = 20) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="./lejepa-store", help="storage root (default ./lejepa-store)")
+    parser.add_argument("--data", choices=sorted(DATA), default="fashion-mnist", help="the dataset")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-min", type=float, default=15.0, help="pretraining wall-clock budget")
     budget.add_argument("--steps", type=int, help="pretrain exactly this many steps instead")
-    parser.add_argument("--run-name", default="quality")
+    parser.add_argument("--run-name", help="the run's name (default: quality-DATA-TIME, a new run each time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    args.set = [*DATA[args.data], *args.set]
+    args.run_name = args.run_name or f"quality-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg, _ = _config(args.root, args.run_name, args.set)
     print(f"[quality] shard: {json.dumps(write_shards(cfg).model_dump(mode='json'))}", flush=True)
     if args.steps:
@@ -87,19 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_evaluate(cfg)
     metrics = json.loads(Storage.from_config(cfg.storage).read_bytes(summary.metrics))
 
-    rows = {"LeJEPA encoder": "encoder", "random init": "random_init", "raw pixels": "raw_pixels"}
-    print("\n| model | linear probe top-1 | kNN top-1 |\n|---|---|---|")
-    for label, key in rows.items():
-        m = metrics["models"][key]
-        print(f"| {label} | {100 * m['linear_probe_top1']:.2f}% | {100 * m['knn_top1']:.2f}% |")
-    ours, pixels = summary.linear_probe_top1 or 0.0, summary.baselines["raw_pixels"] or 0.0
-    met = ours >= TARGET_TOP1 and ours >= pixels + TARGET_MARGIN
+    print("\n" + results_table(metrics))
+    ours, pixels = metrics["models"]["encoder"], metrics["models"]["raw_pixels"]
+    floor = TARGET_TOP1[args.data]
+    linear = (
+        ours["linear_probe_top1"] >= floor
+        if floor
+        else ours["linear_probe_top1"] > pixels["linear_probe_top1"]
+    )
+    met = linear and ours["knn_top1"] > pixels["knn_top1"]
+    wanted = f">= {100 * floor:.0f}% linear" if floor else "linear above raw pixels"
     print(
-        f"\ntarget (>= {100 * TARGET_TOP1:.0f}% and >= raw pixels + {100 * TARGET_MARGIN:.0f} points): "
-        f"{'met' if met else 'NOT met'}; pretraining {pretrain_min:.1f} min, {steps} steps",
+        f"\ntarget ({wanted}, kNN above raw pixels): {'met' if met else 'NOT met'}; "
+        f"pretraining {pretrain_min:.1f} min, {steps} steps",
         flush=True,
     )
     result = {
+        "data": args.data,
         "linear_probe_top1": summary.linear_probe_top1,
         "knn_top1": summary.knn_top1,
         "baselines": {key: metrics["models"][key] for key in ("random_init", "raw_pixels")},

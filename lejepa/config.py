@@ -556,6 +556,14 @@ class EvaluateConfig(Section):
     """AdamW weight decay of the linear probe (the paper's 1e-6)."""
     probe_warmup_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of the probe's steps spent in the linear learning-rate warm-up."""
+    features: Literal["last", "last2"] = "last"
+    """What the probes read. last: the backbone's pooled output (timm's `forward`). last2: the protocol of
+    the LeJEPA paper's code: for a ViT, the class tokens of the last two blocks, each through the final norm,
+    concatenated (the mean patch token where there is no class token); for a CNN, the pooled last stage,
+    the same as last. The random-init baseline is read the same way."""
+    probe_seeds: int = Field(2, gt=0)
+    """Linear probes trained per feature set, with seeds seed, seed+1, ...: their mean is the top-1, their
+    spread (max - min) the probe's noise that the report marks each gap to a baseline against."""
     knn_k: int = Field(20, gt=0)
     """Neighbours that vote in the kNN classifier (20, as in DINO)."""
     knn_temperature: float = Field(0.07, gt=0)

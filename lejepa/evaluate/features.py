@@ -6,8 +6,8 @@ evaluation's precision on its device; the images reach it from pinned memory wit
 features come back to the CPU as float32 once a split is done.
 
 A split's features are cached in the run folder (`lejepa.store.layout.features_url`), keyed by what they
-depend on (`features_key`): the encoder weights' sha256, the manifest, the split and the precision, not the
-device. So a retry reads them back instead of recomputing.
+depend on (`features_key`): the encoder weights' sha256, the manifest, the split, the precision and the
+read-out (`evaluate.features`), not the device. So a retry reads them back instead of recomputing.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from lejepa.config import PipelineConfig
 from lejepa.data.manifest import ShardManifest
 from lejepa.data.stream import eval_loader
+from lejepa.objective.views import eval_view
 from lejepa.store.storage import Storage
 from lejepa.train.export import FrozenEncoder, rebuild_backbone
 
@@ -77,11 +78,41 @@ def in_precision(network: Extractor, precision: str) -> Extractor:
     return extract
 
 
+def reads_blocks(backbone: torch.nn.Module) -> bool:
+    """Whether the backbone is a transformer whose last blocks the `last2` read-out takes (a timm ViT-like
+    model: token blocks and `forward_intermediates`); a CNN's read-out is its pooled last stage."""
+    return hasattr(backbone, "forward_intermediates") and hasattr(backbone, "num_prefix_tokens")
+
+
+def read_out(network: FrozenEncoder, features: str) -> Extractor:
+    """What the probes read of `network` (`evaluate.features`): its pooled output (last), or for a ViT
+    the class tokens of its last two blocks through the final norm, concatenated (last2; the mean patch
+    token where the model has no class token). A CNN's last2 is its pooled last stage: the same as last."""
+    if features == "last" or not reads_blocks(network.backbone):
+        return network
+
+    @torch.no_grad()
+    def last_two_blocks(images: Tensor) -> Tensor:
+        view = eval_view(images, network.img_size, network.mean, network.std)
+        blocks = network.backbone.forward_intermediates(
+            view, indices=2, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        if not network.backbone.num_prefix_tokens:  # no class token: timm returns the patch tokens alone
+            return torch.cat([patches.mean(1) for patches in blocks], dim=1)
+        # (patch tokens, prefix tokens) per block; the class token leads the prefix (registers follow it).
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1)
+
+    return last_two_blocks
+
+
 def extractors_of(
-    networks: dict[str, FrozenEncoder], precision: str, pixel_size: int | None
+    networks: dict[str, FrozenEncoder], precision: str, pixel_size: int | None, features: str = "last"
 ) -> dict[str, Extractor]:
-    """Each network in `precision`, then the raw pixels (at most `pixel_size` a side) unless it is None."""
-    extractors = {name: in_precision(network, precision) for name, network in networks.items()}
+    """Each network read out as `features` says, in `precision`; then the raw pixels (at most `pixel_size` a
+    side) unless it is None."""
+    extractors = {
+        name: in_precision(read_out(network, features), precision) for name, network in networks.items()
+    }
     if pixel_size is not None:
         extractors[RAW_PIXELS] = lambda images: pixel_features(images, pixel_size)
     return extractors
@@ -172,6 +203,8 @@ def features_key(
         e.train_split,
         e.calibration_samples,
     ]
+    if e.features != "last":  # so caches written before the read-out was a choice keep their key
+        fields.append(e.features)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 

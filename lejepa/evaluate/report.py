@@ -107,13 +107,37 @@ RESULT_COLUMNS = (
 )
 
 
+def gap_text(mark: dict[str, Any]) -> str:
+    """A baseline's gap to the encoder on one probe (`lejepa.evaluate.scoring.gap`), in points, marked
+    against the probe's noise: "encoder +3.54, beyond noise 0.10"."""
+    noise = mark["noise"]
+    verdict = (
+        "noise unknown"
+        if noise is None
+        else f"{'beyond' if mark['beyond_noise'] else 'within'} noise {100 * noise:.2f}"
+    )
+    return f"encoder {100 * mark['gap']:+.2f}, {verdict}"
+
+
+def top1_cell(scores: dict[str, Any], probe: str) -> str:
+    """A model's top-1 on `probe` ("linear_probe" or "knn"): for a baseline with its `gap_text`, for the
+    encoder with the spread of its probe seeds."""
+    cell = percent(scores.get(f"{probe}_top1"))
+    mark = scores.get("gap_to_encoder", {}).get(probe)
+    if mark:
+        return f"{cell} ({gap_text(mark)})"
+    if len(scores.get(f"{probe}_seeds", [])) > 1:
+        return f"{cell} (seeds spread {100 * scores[f'{probe}_spread']:.2f})"
+    return cell
+
+
 def result_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """One row of formatted cells per model (see RESULT_COLUMNS): top-1 and the label-free diagnostics."""
     return [
         [
             MODEL_NAMES.get(name, name),
-            percent(m.get("linear_probe_top1")),
-            percent(m.get("knn_top1")),
+            top1_cell(m, "linear_probe"),
+            top1_cell(m, "knn"),
             _number(m.get("rankme")),
             _number(m.get("sigreg")),
             _number(m.get("lejepa_loss")),
@@ -387,11 +411,15 @@ def write_evaluation_reports(storage: Storage, run_url: str, metrics: dict[str, 
 
 
 def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model scored (the encoder and its baselines), every score rounded to 4 places."""
+    """One row per model scored (the encoder and its baselines), every score rounded to 4 places, and each
+    baseline's gaps to the encoder as the report writes them."""
     rows = []
     for model, scores in metrics.get("models", {}).items():
         row: dict[str, Any] = {"model": model}
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+        for probe, mark in row.pop("gap_to_encoder", {}).items():
+            row[f"{probe}_vs_encoder"] = gap_text(mark)
+        row.pop("linear_probe_seeds", None)
         rows.append(row)
     return rows
 

@@ -48,12 +48,17 @@ from lejepa.evaluate.features import (
     split_features,
 )
 from lejepa.evaluate.report import write_evaluation_reports
-from lejepa.evaluate.scoring import has_labels, model_scores
+from lejepa.evaluate.scoring import gap, has_labels, model_scores
 from lejepa.store import layout
 from lejepa.store.storage import Storage
 from lejepa.tracking import Tracker, dataset_tags, evaluation_metrics
 from lejepa.train.export import FrozenEncoder, load_encoder
 from lejepa.train.precision import resolve_precision
+
+READ_OUTS = {
+    "last": "the backbone's pooled output",
+    "last2": "a ViT's class tokens of its last two blocks, concatenated; a CNN's pooled last stage",
+}
 
 
 class EvaluationError(RuntimeError):
@@ -197,12 +202,20 @@ def _scores(
     names: list[str],
     networks: dict[str, FrozenEncoder],
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Each feature set's probes and diagnostics, the networks' held-out LeJEPA loss; and what was skipped."""
+    """Each feature set's probes and diagnostics, the networks' held-out LeJEPA loss, and each baseline's
+    `gap_to_encoder` (`lejepa.evaluate.scoring.gap`); and what was skipped."""
     num_classes = target.manifest.num_classes
     labelled = has_labels(features, num_classes)
-    results = {
-        name: model_scores(name, features, labelled, num_classes, target.cfg, target.device) for name in names
-    }
+    results, knn_correct = {}, {}
+    for name in names:
+        results[name], knn_correct[name] = model_scores(
+            name, features, labelled, num_classes, target.cfg, target.device
+        )
+    if labelled:
+        for name in (n for n in names if n != ENCODER):
+            results[name]["gap_to_encoder"] = gap(
+                results[ENCODER], results[name], knn_correct[ENCODER], knn_correct[name]
+            )
     notes = []
     if not labelled:
         notes.append(
@@ -251,10 +264,17 @@ def _protocol(target: Target) -> dict[str, str]:
             f"standardised features -> LayerNorm + Linear, AdamW (weight decay {e.probe_weight_decay}), "
             f"lr {e.probe_lr}, "
             f"{e.probe_epochs} epochs of batch {e.probe_batch_size}, "
-            f"warm-up {e.probe_warmup_fraction} + cosine"
+            f"warm-up {e.probe_warmup_fraction} + cosine; the mean of {e.probe_seeds} seed(s)"
         ),
-        "features": f"one deterministic view per image, networks in {target.precision} on {device}",
-        "knn": f"cosine similarity, k={e.knn_k}, temperature {e.knn_temperature}",
+        "features": (
+            f"one deterministic view per image, networks in {target.precision} on {device}, read out as "
+            f"{e.features} ({READ_OUTS[e.features]})"
+        ),
+        "knn": f"cosine similarity, k={e.knn_k}, votes weighted by exp(similarity / {e.knn_temperature})",
+        "noise": (
+            "a gap to a baseline is beyond the noise when larger than it: for the linear probe the larger "
+            "spread of the two models' probe seeds, for kNN two standard errors of the paired difference"
+        ),
         "raw_pixels": "both probes on standardised, flattened pixels (linear probe: logistic regression)",
         "diagnostics": f"first {e.diagnostic_samples} samples of the {target.splits['test']} split",
     }
@@ -295,7 +315,10 @@ def run_evaluate(cfg: PipelineConfig) -> EvalSummary:
     weights_sha256 = target.storage.sha256(f"{target.run}/{layout.WEIGHTS}")
     networks = _networks(target, encoder)
     extractors = extractors_of(
-        networks, target.precision, cfg.evaluate.pixel_size if cfg.evaluate.baselines else None
+        networks,
+        target.precision,
+        cfg.evaluate.pixel_size if cfg.evaluate.baselines else None,
+        cfg.evaluate.features,
     )
     features, cache_notes = _features(target, extractors, weights_sha256)
     results, score_notes = _scores(target, features, list(extractors), networks)

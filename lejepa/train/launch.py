@@ -338,7 +338,9 @@ def rank_error(lines: Iterable[str], returncode: int) -> str:
     root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", "\n".join(lines), re.DOTALL)
     srun = next((m for line in lines if (m := _SRUN_TASK_FAILED.search(line)) and m.group(3) != "0"), None)
     if root or srun:
-        rank, returncode = (root.group(1), int(root.group(2))) if root else (srun.group(2), _srun_status(srun))
+        rank, returncode = (
+            (root.group(1), int(root.group(2))) if root else (srun.group(2), _srun_status(srun))
+        )
         who = f"rank {rank} on {srun.group(1)}" if srun else f"rank {rank}"
         for prefix, error in tracebacks:
             if _rank_of(prefix) == rank:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 import lejepa.evaluate.stage as evaluate
 from lejepa.config import PipelineConfig, load_config
@@ -22,12 +23,13 @@ from lejepa.evaluate.features import (
     features_key,
     in_precision,
     on_device,
+    read_out,
 )
 from lejepa.evaluate.probes import effective_rank
 from lejepa.objective.model import Encoder, create_backbone
 from lejepa.objective.views import eval_view
 from lejepa.store.storage import Storage
-from lejepa.train.export import FrozenEncoder, encoder_description, export_encoder
+from lejepa.train.export import FrozenEncoder, encoder_description, export_encoder, rebuild_backbone
 
 FAST = {
     "evaluate": {
@@ -123,6 +125,17 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
         "fingerprint": manifest.splits["test"].fingerprint,
     }
     assert metrics["linear_probe_top1"] == summary["linear_probe_top1"]
+    # The linear probe's top-1 is the mean of two seeds; each baseline carries its gap to the encoder.
+    seeds = metrics["models"]["encoder"]["linear_probe_seeds"]
+    assert len(seeds) == 2 and metrics["linear_probe_top1"] == pytest.approx(sum(seeds) / 2)
+    for name in ("random_init", "raw_pixels"):
+        baseline = metrics["models"][name]
+        marks = baseline["gap_to_encoder"]
+        assert marks["linear_probe"]["gap"] == pytest.approx(
+            metrics["linear_probe_top1"] - baseline["linear_probe_top1"]
+        )
+        assert marks["knn"]["gap"] == pytest.approx(metrics["knn_top1"] - baseline["knn_top1"])
+        assert all(isinstance(mark["beyond_noise"], bool) for mark in marks.values())
     for name in ("encoder", "random_init"):
         diagnostics = metrics["models"][name]
         assert 1.0 <= diagnostics["rankme"] <= 512
@@ -130,6 +143,7 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
     assert (run / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "evaluation.md").read_text()
     assert "raw pixels (logistic regression)" in report and "evaluation.png" in report
+    assert " noise " in report and "(seeds spread " in report
     page = (run / "report.html").read_text()
     assert f"{summary['linear_probe_top1'] * 100:.2f}%" in page
     assert len(list((run / "eval").glob("features-*.safetensors"))) == 2
@@ -157,7 +171,7 @@ def test_retry_reads_features_from_the_cache(
     assert again.baselines == evaluated["baselines"]
     assert sum("cache" in note for note in again.notes) == 2
     protocol = json.loads(Path(again.metrics).read_text())["protocol"]
-    assert protocol["features"].endswith("networks in fp32 on cpu")
+    assert "networks in fp32 on cpu," in protocol["features"]
 
 
 def test_features_key_of_explicit_precisions_is_unchanged() -> None:
@@ -287,3 +301,70 @@ def test_bf16_extraction_gives_float32_features_close_to_fp32() -> None:
     assert exact.dtype == fast.dtype == torch.float32
     assert not torch.equal(fast, exact)  # bf16 really ran
     assert torch.nn.functional.cosine_similarity(fast, exact).min() > 0.99
+
+
+def test_last2_reads_the_class_tokens_of_a_vits_last_two_blocks() -> None:
+    description = encoder_description(
+        "vit_tiny_patch16_224",
+        {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2},
+        1,
+        16,
+        False,
+        32,
+        [0.5],
+        [0.25],
+    )
+    torch.manual_seed(0)
+    frozen = FrozenEncoder(rebuild_backbone(description), description)
+    images = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    features = read_out(frozen, "last2")(images)
+    # By hand: the blocks' outputs, the last two through the final norm, their first (class) token.
+    vit = frozen.backbone
+    with torch.no_grad():
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(eval_view(images, 16, frozen.mean, frozen.std))))
+        outputs = []
+        for block in vit.blocks:
+            x = block(x)
+            outputs.append(vit.norm(x)[:, 0])
+    assert features.shape == (5, 64)
+    torch.testing.assert_close(features, torch.cat(outputs[-2:], dim=1))
+    assert read_out(frozen, "last") is frozen
+    # Without a class token: the mean patch token of each of the last two blocks.
+    pooled = {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "class_token": False}
+    description = encoder_description(
+        "vit_tiny_patch16_224", {**pooled, "global_pool": "avg"}, 1, 16, False, 32, [0.5], [0.25]
+    )
+    frozen = FrozenEncoder(rebuild_backbone(description), description)
+    vit = frozen.backbone
+    with torch.no_grad():
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(eval_view(images, 16, frozen.mean, frozen.std))))
+        outputs = []
+        for block in vit.blocks:
+            x = block(x)
+            outputs.append(vit.norm(x).mean(1))
+    torch.testing.assert_close(read_out(frozen, "last2")(images), torch.cat(outputs[-2:], dim=1))
+
+
+def test_last2_of_a_cnn_is_its_pooled_last_stage() -> None:
+    description = encoder_description("resnet10t", {}, 1, 16, False, 512, [0.5], [0.25])
+    frozen = FrozenEncoder(create_backbone("resnet10t", in_chans=1), description)
+    assert read_out(frozen, "last2") is frozen
+
+
+def test_the_random_init_baseline_is_read_out_as_the_encoder(digits_run: Path, tmp_path: Path) -> None:
+    """evaluate.features=last2 on a ViT: encoder and random-init features both 2 x embed_dim wide."""
+    cfg = load_config(digits_run, [f"storage.root={tmp_path}", "evaluate.features=last2"])
+    write_shards(cfg, progress=False)
+    storage = Storage.from_config(cfg.storage)
+    manifest = ShardManifest.load(storage, locate_manifest(cfg, storage))
+    kwargs = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    description = encoder_description(
+        "vit_tiny_patch16_224", kwargs, 1, 8, False, 32, manifest.mean, manifest.std
+    )
+    export_encoder(rebuild_backbone(description), description, storage, storage.url("runs", "tiny"))
+    summary = evaluate.run_evaluate(cfg)
+    metrics = json.loads(Path(summary.metrics).read_text())
+    assert "read out as last2" in metrics["protocol"]["features"]
+    (cached,) = [p for p in (tmp_path / "runs" / "tiny" / "eval").glob("features-test-*.safetensors")]
+    widths = {name: t.shape[1] for name, t in load_file(str(cached)).items() if t.ndim == 2}
+    assert widths == {"encoder": 64, "random_init": 64, "raw_pixels": 64}

@@ -336,7 +336,7 @@ def test_rank_error_trusts_srun_on_a_task_killed_by_a_signal() -> None:
         "srun: error: node2: task 1: Aborted",
         "1: terminate called without an active exception",
         "0: [rank0]: Traceback (most recent call last):",
-        "0: [rank0]:   File \"t.py\", line 1, in <module>",
+        '0: [rank0]:   File "t.py", line 1, in <module>',
         "0: [rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:24987",
         "srun: error: node1: task 0: Exited with exit code 1",
     ]
