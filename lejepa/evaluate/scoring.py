@@ -2,8 +2,10 @@
 (`lejepa.evaluate.probes`) and the label-free diagnostics of its embeddings
 (`lejepa.evaluate.diagnostics`), with the settings of `evaluate.*`.
 
-Raw pixels are standardised first, so "logistic regression on raw pixels" is the same linear probe on
-standardised, flattened pixels, and kNN compares centred pixels.
+Every feature set goes through the same rules. Both probes read features standardised per dimension with
+the training split's mean and std, so "logistic regression on raw pixels" is the same linear probe on
+standardised, flattened pixels, and the kNN's cosine compares centred features, not, say, the all-positive
+outputs of a ReLU network. DINO's kNN, on the features as they are, is reported beside it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def probe_scores(
     got right.
 
     The linear probe is trained `evaluate.probe_seeds` times (seeds seed, seed+1, ...): its top-1 is their
-    mean and `linear_probe_spread` (max - min) their spread. The kNN vote draws nothing: one run.
+    mean and `linear_probe_spread` (max - min) their spread. The kNN vote draws nothing: one run on the
+    standardised features (`knn_top1`), and one on the features as they are (`knn_dino_top1`, DINO's rule).
     """
     e = cfg.evaluate
     keep_train, keep_test = train_labels >= 0, test_labels >= 0
@@ -66,14 +69,19 @@ def probe_scores(
         )
         for i in range(e.probe_seeds)
     ]
-    knn = knn_classify(train, train_labels, test, num_classes, k=e.knn_k, temperature=e.knn_temperature)
+
+    def knn(train: Tensor, test: Tensor) -> Tensor:
+        return knn_classify(train, train_labels, test, num_classes, k=e.knn_k, temperature=e.knn_temperature)
+
+    standard = knn(*standardised(train, test))
     scores = {
         "linear_probe_top1": statistics.fmean(linear),
         "linear_probe_spread": max(linear) - min(linear),
         "linear_probe_seeds": linear,
-        "knn_top1": top1(knn, test_labels),
+        "knn_top1": top1(standard, test_labels),
+        "knn_dino_top1": top1(knn(train, test), test_labels),
     }
-    return scores, (knn == test_labels).cpu()
+    return scores, (standard == test_labels).cpu()
 
 
 def model_scores(
@@ -87,8 +95,6 @@ def model_scores(
     """The probes (on labelled data) and the embedding diagnostics of feature set `name`, on `device`; and
     which test samples its kNN got right (None without labels)."""
     train, test = features["train"][name].to(device), features["test"][name].to(device)
-    if name == RAW_PIXELS:  # centred pixels give kNN a fair cosine similarity too
-        train, test = standardised(train, test)
     scores: dict[str, Any] = {}
     knn_correct = None
     if labelled:

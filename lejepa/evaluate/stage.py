@@ -270,12 +270,15 @@ def _protocol(target: Target) -> dict[str, str]:
             f"one deterministic view per image, networks in {target.precision} on {device}, read out as "
             f"{e.features} ({READ_OUTS[e.features]})"
         ),
-        "knn": f"cosine similarity, k={e.knn_k}, votes weighted by exp(similarity / {e.knn_temperature})",
+        "knn": (
+            f"cosine similarity of standardised features, k={e.knn_k}, votes weighted by exp(similarity / "
+            f"{e.knn_temperature}); DINO's: the same on the features as they are"
+        ),
         "noise": (
             "a gap to a baseline is beyond the noise when larger than it: for the linear probe the larger "
             "spread of the two models' probe seeds, for kNN two standard errors of the paired difference"
         ),
-        "raw_pixels": "both probes on standardised, flattened pixels (linear probe: logistic regression)",
+        "raw_pixels": "flattened pixels, under the same rules (the linear probe: logistic regression)",
         "diagnostics": f"first {e.diagnostic_samples} samples of the {target.splits['test']} split",
     }
 

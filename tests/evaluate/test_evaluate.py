@@ -136,6 +136,7 @@ def test_evaluate_scores_encoder_and_baselines(evaluated: dict) -> None:
         )
         assert marks["knn"]["gap"] == pytest.approx(metrics["knn_top1"] - baseline["knn_top1"])
         assert all(isinstance(mark["beyond_noise"], bool) for mark in marks.values())
+    assert all(0 <= metrics["models"][name]["knn_dino_top1"] <= 1 for name in metrics["models"])
     for name in ("encoder", "random_init"):
         diagnostics = metrics["models"][name]
         assert 1.0 <= diagnostics["rankme"] <= 512

@@ -58,7 +58,13 @@ def metrics_of(
             },
         },
         "models": {
-            "encoder": {"linear_probe_top1": 0.8313, "knn_top1": 0.8375, "rankme": 40.75, "sigreg": 68.6},
+            "encoder": {
+                "linear_probe_top1": 0.8313,
+                "knn_top1": 0.8375,
+                "knn_dino_top1": 0.8012,
+                "rankme": 40.75,
+                "sigreg": 68.6,
+            },
             "raw_pixels": {"linear_probe_top1": 0.9375, "knn_top1": 0.95},
         },
         "protocol": {"linear_probe": "LayerNorm + Linear", "knn": "cosine, k=20"},
@@ -87,7 +93,7 @@ def test_the_html_report_is_one_page_that_loads_nothing(figure: bytes) -> None:
     # The results table, one row per model, as the Markdown report and the model card show them.
     assert re.search(r"<td>LeJEPA encoder</td><td class=\"n\">83\.13%</td><td class=\"n\">83\.75%</td>", page)
     assert 'raw pixels (logistic regression)</td><td class="n">93.75%' in page
-    assert "| LeJEPA encoder | 83.13% | 83.75% | 40.75 |" in results_table(metrics_of("/store"))
+    assert "| LeJEPA encoder | 83.13% | 83.75% | 80.12% | 40.75 |" in results_table(metrics_of("/store"))
     # The release, linked; the training curves as inline SVG, one per logged series.
     assert (
         'href="file:///store/models/tiny/v20260101-000000-abcdef12"' in page and "promoted to latest" in page

@@ -1,4 +1,5 @@
-"""The gap between the encoder and a baseline, marked against the probe's noise."""
+"""The probes' rules, the same for every feature set, and the gap between the encoder and a baseline marked
+against the probe's noise."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
+from lejepa.config import load_config
 from lejepa.evaluate.report import gap_text, top1_cell
-from lejepa.evaluate.scoring import gap
+from lejepa.evaluate.scoring import gap, probe_scores
 
 
 def _scores(seeds: list[float], knn: float) -> dict:
@@ -62,3 +64,17 @@ def test_the_table_cells_show_the_spread_and_the_marks() -> None:
     assert top1_cell(ours, "linear_probe") == "88.10% (seeds spread 0.20)"
     assert top1_cell(pixels, "linear_probe") == "84.30% (encoder +3.80, beyond noise 0.60)"
     assert top1_cell(pixels, "knn") == "90.00% (encoder +0.00, within noise 0.00)"
+
+
+def test_the_knn_compares_standardised_features_and_dinos_the_features_as_they_are() -> None:
+    """Informative dimensions a hundred times narrower than four uninformative ones: a cosine of the
+    features as they are (DINO's kNN) sees the noise; standardised, every dimension counts the same."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator)
+    labels = torch.arange(400) % 4
+    informative = 0.01 * (centres[labels] + 0.3 * torch.randn(400, 16, generator=generator))
+    features = torch.cat([informative, torch.randn(400, 4, generator=generator)], dim=1)
+    cfg = load_config(None, ["evaluate.probe_epochs=5", "evaluate.probe_seeds=1"])
+    scores, knn_right = probe_scores(features[:300], labels[:300], features[300:], labels[300:], 4, cfg)
+    assert scores["knn_top1"] > 0.9 and scores["knn_dino_top1"] < 0.6
+    assert knn_right.float().mean().item() == pytest.approx(scores["knn_top1"])
