@@ -19,10 +19,12 @@ round-robin starts at batch j: the same seed, world size and worker count give t
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import io
 import itertools
+import multiprocessing
 import os
 import posixpath
 import random
@@ -403,7 +405,24 @@ def _dies_with(reader: int) -> Callable[[int], None]:
     """A loader worker's start: die with `reader`, the process reading the loader. A worker notices its
     reader is gone only between reads (every 5 s at best): one blocked in a read from storage would
     otherwise outlive a killed rank by as long as the read takes, or for good."""
+    _workers_killed_at_exit()
     return functools.partial(_die_with, reader)
+
+
+@functools.cache
+def _workers_killed_at_exit() -> None:
+    """At exit, multiprocessing stops a process's daemonic children (loader workers) with SIGTERM, which
+    ours ignore, then waits for them: for good, where a loader was left open (one that raised, its
+    iterator still held by the traceback). This hook, registered after multiprocessing's own and so run
+    before it, kills them first."""
+    atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def _die_with(reader: int, _worker_id: int) -> None:

@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -194,3 +196,28 @@ def test_an_error_raised_in_a_loader_worker_is_one_error_line(capsys: pytest.Cap
     loader = torch.utils.data.DataLoader(_FailingDataset(), batch_size=None, num_workers=1)
     assert run_stage(lambda: list(loader)) == 2
     assert capsys.readouterr().err == "error: shard x.tar: corrupt: rewrite the shards\n"
+
+
+def test_a_reader_whose_loader_failed_exits_at_once(tmp_path: Path) -> None:
+    """Its workers ignore SIGTERM (so a rank can commit on a scheduler's), which multiprocessing sends them
+    at exit before waiting for them: a reader still holding the failed loader must not wait for good."""
+    manifest, storage = shard_set(tmp_path)
+    Path(manifest.shards[1].url).write_bytes(b"not a tar")
+    program = (
+        "import sys\n"
+        "from lejepa.data.manifest import ShardManifest\n"
+        "from lejepa.data.stream import eval_loader\n"
+        "from lejepa.store.storage import Storage\n"
+        f"storage = Storage({str(tmp_path / 'store')!r})\n"
+        f"loader = iter(eval_loader(ShardManifest.load(storage, {manifest.url!r}), storage, 'train', "
+        "batch_size=4, num_workers=2))\n"
+        "try:\n"
+        "    list(loader)\n"
+        "except Exception as exc:\n"
+        "    failure = exc  # the traceback keeps the loader's iterator, and so its workers, alive\n"
+        "    print(type(exc).__name__, flush=True)\n"
+        "sys.exit(2)\n"
+    )
+    # The timeout only turns a hang into a failure; the program takes seconds.
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "DataError\n"), done.stderr[-2000:]

@@ -236,7 +236,7 @@ def test_a_stopped_launcher_cancels_its_job_and_returns_once_squeue_no_longer_li
     slurm: dict[str, str], store: Path, sig: signal.Signals
 ) -> None:
     run = store / "runs" / "default"
-    proc = pretrain_cli(store)
+    proc = pretrain_cli(store, "pretrain.max_steps=400")  # the job must outlive the signal, however slow
     lines = collect(proc)
     job = job_of(run)
     wait_for(lambda: latest_step(run) >= 5, "the first checkpoint")
