@@ -123,7 +123,11 @@ def task_log(flow_state, name: str) -> list[tuple[float, str]]:
 
 
 def pretrain_cli(root: Path, *extra: str) -> subprocess.Popen:
-    """`lejepa-pipeline pretrain` as a user starts it, in its own process."""
+    """`lejepa-pipeline pretrain` as a user starts it from a terminal, in its own process.
+
+    With Ctrl-C's SIGINT at its default disposition: a shell without job control starts background jobs
+    (a CI script's `make test &`, say) with SIGINT ignored, which children inherit, and Python then installs
+    no KeyboardInterrupt handler."""
     args = [f"--set={item}" for item in [f"storage.root={root}", *TINY, *TWO_NODES, *extra]]
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "pretrain", *args],
@@ -131,6 +135,7 @@ def pretrain_cli(root: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
