@@ -304,46 +304,33 @@ def test_bf16_extraction_gives_float32_features_close_to_fp32() -> None:
     assert torch.nn.functional.cosine_similarity(fast, exact).min() > 0.99
 
 
-def test_last2_reads_the_class_tokens_of_a_vits_last_two_blocks() -> None:
-    description = encoder_description(
-        "vit_tiny_patch16_224",
-        {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2},
-        1,
-        16,
-        False,
-        32,
-        [0.5],
-        [0.25],
-    )
+@pytest.mark.parametrize(
+    "architecture, token",
+    [
+        ({}, lambda normed: normed[:, 0]),  # the class token leads
+        # Without a class token: the mean patch token.
+        ({"class_token": False, "global_pool": "avg"}, lambda normed: normed.mean(1)),
+    ],
+    ids=["class-token", "no-class-token"],
+)
+def test_last2_reads_the_tokens_of_a_vits_last_two_blocks(architecture: dict, token) -> None:
+    kwargs = {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, **architecture}
+    description = encoder_description("vit_tiny_patch16_224", kwargs, 1, 16, False, 32, [0.5], [0.25])
     torch.manual_seed(0)
     frozen = FrozenEncoder(rebuild_backbone(description), description)
     images = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
     features = read_out(frozen, "last2")(images)
-    # By hand: the blocks' outputs, the last two through the final norm, their first (class) token.
+    # By hand: the blocks' outputs, each through the final norm, then the token the read-out takes.
     vit = frozen.backbone
     with torch.no_grad():
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(eval_view(images, 16, frozen.mean, frozen.std))))
         outputs = []
         for block in vit.blocks:
             x = block(x)
-            outputs.append(vit.norm(x)[:, 0])
+            outputs.append(token(vit.norm(x)))
     assert features.shape == (5, 64)
     torch.testing.assert_close(features, torch.cat(outputs[-2:], dim=1))
     assert read_out(frozen, "last") is frozen
-    # Without a class token: the mean patch token of each of the last two blocks.
-    pooled = {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "class_token": False}
-    description = encoder_description(
-        "vit_tiny_patch16_224", {**pooled, "global_pool": "avg"}, 1, 16, False, 32, [0.5], [0.25]
-    )
-    frozen = FrozenEncoder(rebuild_backbone(description), description)
-    vit = frozen.backbone
-    with torch.no_grad():
-        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(eval_view(images, 16, frozen.mean, frozen.std))))
-        outputs = []
-        for block in vit.blocks:
-            x = block(x)
-            outputs.append(vit.norm(x).mean(1))
-    torch.testing.assert_close(read_out(frozen, "last2")(images), torch.cat(outputs[-2:], dim=1))
 
 
 def test_last2_of_a_cnn_is_its_pooled_last_stage() -> None:
