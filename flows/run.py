@@ -213,7 +213,6 @@ DEMO_SETTINGS = [
     "pretrain.run_name=demo",
     f"pretrain.time_budget_s={DEMO_SECONDS}",
     "pretrain.epochs=20",
-    "pretrain.batch_size=64",
     "pretrain.lr=5e-3",
     "views.local_views=4",
     "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [32, 64, 128, 256], stem_width: 32}",
