@@ -37,7 +37,7 @@ from lejepa.train.pretrain import run_pretrain
 from lejepa.train.training_log import read_training_log
 
 PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
-"""The tuned CPU settings (a CIFAR-style ResNet-10 at 3/4 width, 24/12 px views); see the file."""
+"""The tuned CPU settings (a CIFAR-style ResNet-10 at 3/4 width, 20 px views); see the file."""
 TARGET_TOP1 = {"fashion-mnist": 0.90, "digits": None}  # None: above raw pixels is the target
 DATA = {
     "fashion-mnist": ["data.source=fashion-mnist"],

@@ -200,13 +200,8 @@ def ui_command(flow_run_id: UUID | None, telemetry_off: bool) -> str:
 # The demo is the tuned CPU profile on a clock: pretraining stops after DEMO_SECONDS of steps, whatever the
 # machine's speed, so the whole demo (install included) ends in about ten minutes on 2 cores. At this
 # budget the half-width ResNet-10 (the profile's, at 2/3 of its width) learns more: its steps take half as
-# long, and in 5-minute trials it led the profile's width by 0.2 points (86.2% against 86.0%).
-# Batch 64 at lr 5e-3 (the profile then: 128 at 3e-3, 4 local views) took about twice the steps in the
-# same time. In runs of a fixed step count, 430 such steps probed 85.3% (380 steps, seed 1: 84.8%) against
-# 84.7% for the profile's 243 steps, raw pixels 84.3%; a 512-wide last stage (190 steps) probed 84.7%. On the
-# clock, two demos on 2 shared cores (load average 0.5-1.8): 435 steps, 84.6%, and 510 steps, 85.5%; 6.5-7
-# minutes each. The demo keeps 4 local views, with which its numbers in docs/benchmarks.md were measured;
-# the profile's 2 (batch 64, 2 local views won the 6-minute trials) have not been timed in the demo yet.
+# long, and in 5-minute trials it led the profile's width by 0.2 points (86.2% against 86.0%). It trains
+# at lr 5e-3; everything else is the profile's. docs/benchmarks.md#demo has the demo's numbers.
 DEMO_PROFILE = Path(__file__).resolve().parents[1] / "infra" / "cpu.yaml"
 DEMO_SECONDS = 200
 DEMO_SETTINGS = [
@@ -214,7 +209,6 @@ DEMO_SETTINGS = [
     f"pretrain.time_budget_s={DEMO_SECONDS}",
     "pretrain.epochs=20",
     "pretrain.lr=5e-3",
-    "views.local_views=4",
     "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [32, 64, 128, 256], stem_width: 32}",
 ]
 

@@ -50,7 +50,7 @@ def test_shipped_profiles_are_valid():
     assert (
         gpu.pretrain.precision == "bf16" and "vit" in gpu.model.backbone and gpu.launch.accelerator == "cuda"
     )
-    # The CPU profile's CIFAR-style ResNet-10 keeps a 3x3 map of a 24 px view (stock: 1x1).
+    # The CPU profile's CIFAR-style ResNet-10 keeps a 3x3 map of a 20 px view (stock: 1x1).
     cpu = load_config(INFRA / "cpu.yaml")
     encoder = Encoder.from_config(cpu.model, in_chans=1, img_size=cpu.views.global_size)
     size = cpu.views.global_size
