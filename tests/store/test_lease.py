@@ -26,7 +26,7 @@ from lejepa.store.layout import LEASE
 from lejepa.store.lease import Lease, LeaseHeld
 from lejepa.store.storage import Storage
 from lejepa.testing import processes_with
-from lejepa.with_parent import PARENT_ENV
+from lejepa.with_parent import PARENT_ENV, STOP_GRACE_S
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
@@ -125,6 +125,38 @@ def test_a_killed_reader_takes_its_loader_workers_along(tmp_path: Path) -> None:
     wait_for(lambda: not processes_with(marked), "the loader worker to exit", timeout=10)
 
 
+def test_a_launcher_that_hangs_after_its_parent_exits_is_ended_after_the_grace() -> None:
+    # As torchrun does when the SIGTERM lands at the wrong moment: it ignores the signal and its interpreter
+    # waits forever for a thread that never ends.
+    hang = (
+        "import signal, sys, threading\n"
+        "from lejepa.with_parent import exit_after_parent\n"
+        "exit_after_parent(int(sys.argv[1]), 1.0)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "threading.Thread(target=threading.Event().wait).start()\n"
+        "print('armed', flush=True)\n"
+    )
+    parent = subprocess.Popen(["sleep", "600"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", hang, str(parent.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "armed\n"
+        with pytest.raises(subprocess.TimeoutExpired):  # the parent lives: it stays
+            child.wait(timeout=2)
+        parent.kill()
+        parent.wait()
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "1 s after the parent did" in child.stderr.read()
+    finally:
+        for proc in (parent, child):
+            proc.kill()
+            proc.wait()
+
+
 def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_shards(load_config(None, [f"storage.root={store}", "data.source=digits"]), progress=False)
@@ -157,7 +189,9 @@ def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_pa
     assert len(_processes_of_launcher(first.pid)) >= 3  # torchrun and two ranks
     first.send_signal(signal.SIGKILL)
     first.wait()
-    wait_for(lambda: not _processes_of_launcher(first.pid), "the killed launcher's ranks to exit", timeout=30)
+    # torchrun stops its ranks on the SIGTERM; if it hangs instead, it is ended after STOP_GRACE_S.
+    left = lambda: not _processes_of_launcher(first.pid)  # noqa: E731
+    wait_for(left, "the killed launcher's ranks to exit", timeout=STOP_GRACE_S + 30)
 
     retry = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
