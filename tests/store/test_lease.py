@@ -190,8 +190,11 @@ def test_killed_launcher_takes_its_ranks_along_and_the_retry_trains_alone(tmp_pa
     first.send_signal(signal.SIGKILL)
     first.wait()
     # torchrun stops its ranks on the SIGTERM; if it hangs instead, it is ended after STOP_GRACE_S.
-    left = lambda: not _processes_of_launcher(first.pid)  # noqa: E731
-    wait_for(left, "the killed launcher's ranks to exit", timeout=STOP_GRACE_S + 30)
+    wait_for(
+        lambda: not _processes_of_launcher(first.pid),
+        "the killed launcher's ranks to exit",
+        timeout=STOP_GRACE_S + 30,
+    )
 
     retry = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
