@@ -54,9 +54,9 @@ def test_shipped_profiles_are_valid():
     cpu = load_config(INFRA / "cpu.yaml")
     encoder = Encoder.from_config(cpu.model, in_chans=1, img_size=cpu.views.global_size)
     size = cpu.views.global_size
-    assert encoder.backbone.forward_features(torch.zeros(2, 1, size, size)).shape == (2, 384, 3, 3)
+    assert encoder.backbone.forward_features(torch.zeros(2, 1, size, size)).shape == (2, 512, 3, 3)
     assert [len(stage) for stage in (encoder.backbone.layer1, encoder.backbone.layer4)] == [1, 1]
-    assert encoder.embed_dim == 384 and cpu.pretrain.precision == cpu.evaluate.precision == "native"
+    assert encoder.embed_dim == 512 and cpu.pretrain.precision == cpu.evaluate.precision == "native"
 
 
 def test_redacted_blanks_credentials():
