@@ -31,10 +31,8 @@ from lejepa.config import PipelineConfig, load_config
 from lejepa.data.shard import write_shards
 from lejepa.evaluate.report import results_table
 from lejepa.evaluate.stage import run_evaluate
-from lejepa.store import layout
 from lejepa.store.storage import Storage
 from lejepa.train.pretrain import run_pretrain
-from lejepa.train.training_log import read_training_log
 
 PROFILE = Path(__file__).resolve().parent.parent / "infra" / "cpu.yaml"
 """The tuned CPU settings (a CIFAR-style ResNet-10, stages 32-64-192-512 wide, 20 px views); see the file."""
@@ -78,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality] pretraining for {args.budget_min:g} min of steps", flush=True)
     cfg, program_args = _config(args.root, args.run_name, [*args.set, *budget])
     tick = time.perf_counter()
-    run_pretrain(cfg, program_args)
+    steps = run_pretrain(cfg, program_args)["steps"]
     pretrain_min = (time.perf_counter() - tick) / 60
-    storage = Storage.from_config(cfg.storage)
-    steps = read_training_log(storage, layout.run_url(storage, args.run_name))[-1]["step"]
     summary = run_evaluate(cfg)
-    metrics = json.loads(storage.read_bytes(summary.metrics))
+    metrics = json.loads(Storage.from_config(cfg.storage).read_bytes(summary.metrics))
 
     print("\n" + results_table(metrics))
     ours, pixels = metrics["models"]["encoder"], metrics["models"]["raw_pixels"]
